@@ -1,0 +1,199 @@
+"""Shared fixtures: a real Mosquitto per test, small checkpoints, images with faces."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from worker.config import Detector
+from worker.faces import FaceDetector
+from worker.model import ModelInfo, ResNet9, save_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+FER = Path(os.environ.get("FER2013_DIR", REPO.parent / "shared" / "data" / "fer2013"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+class Mosquitto:
+    """A Mosquitto broker on a free port, stoppable and restartable on the same port."""
+
+    def __init__(self, workdir: Path):
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(exe).exists():
+            raise RuntimeError("mosquitto is not installed; `make test` installs Debian's package")
+        self.exe = exe
+        self.port = free_port()
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+        self.proc = None
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """An initialised (untrained) ResNet9 of width 0.125, saved in the checkpoint format."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(ResNet9(width=0.125), ModelInfo(width=0.125, name="tiny-test", version="t1"), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def face_frames() -> list[tuple[np.ndarray, tuple[int, int, int, int]]]:
+    """640x480 BGR frames, each a FER2013 val face enlarged to 160 px and pasted at a known place.
+
+    Only faces the Haar cascade finds are kept; returns (frame, (x, y, w, h) of the paste).
+    """
+    detector = FaceDetector(Detector())
+    frames = []
+    for path in sorted((FER / "val" / "happy").glob("*.jpg"))[:60]:
+        face = cv2.resize(cv2.imread(str(path), cv2.IMREAD_GRAYSCALE), (160, 160), interpolation=cv2.INTER_CUBIC)
+        canvas = np.full((480, 640), 90, np.uint8)
+        x, y = 240, 120
+        canvas[y : y + 160, x : x + 160] = face
+        frame = cv2.cvtColor(canvas, cv2.COLOR_GRAY2BGR)
+        if detector.detect(frame):
+            frames.append((frame, (x, y, 160, 160)))
+        if len(frames) == 4:
+            break
+    assert frames, f"no FER2013 face in {FER} was detected"
+    return frames
+
+
+@pytest.fixture
+def worker_env(mosquitto, tiny_checkpoint) -> dict[str, str]:
+    """Environment for a worker subprocess talking to the test broker with the tiny model."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMOTION_")}
+    env.update(
+        EMOTION_MQTT__PORT=str(mosquitto.port),
+        EMOTION_MQTT__RECONNECT_MIN_S="0.2",
+        EMOTION_MQTT__RECONNECT_MAX_S="1",
+        EMOTION_MODEL__WEIGHTS=str(tiny_checkpoint),
+        EMOTION_MODEL__THREADS="1",
+        EMOTION_LOG__FORMAT="json",
+        EMOTION_LOG__LEVEL="debug",
+        EMOTION_PIPELINE__STATS_INTERVAL_S="0",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def start_worker(env: dict[str, str], log_path: Path, *args: str) -> subprocess.Popen:
+    """``emotion-worker run`` as a subprocess, its log in ``log_path``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "run", *args],
+        env=env,
+        cwd=REPO,
+        stdout=open(log_path, "wb"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+class Listener:
+    """A paho client that records every message on the topics it subscribes to."""
+
+    def __init__(self, port: int, topics: list[str]):
+        import threading
+
+        import paho.mqtt.client as mqtt
+
+        self.messages: list = []
+        self._cond = threading.Condition()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-listener-{time.time_ns()}")
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, *a: c.subscribe([(t, 1) for t in topics])
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with self._cond:
+            self.messages.append(msg)
+            self._cond.notify_all()
+
+    def wait_for(self, predicate, timeout: float = 15.0, what: str = "a message"):
+        """The first recorded message for which ``predicate(msg)`` is true, waiting up to ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for msg in self.messages:
+                    if predicate(msg):
+                        return msg
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    seen = [(m.topic, m.payload[:80]) for m in self.messages]
+                    raise AssertionError(f"no {what} within {timeout} s; saw {seen}")
+                self._cond.wait(left)
+
+    def on(self, topic: str) -> list:
+        with self._cond:
+            return [m for m in self.messages if m.topic == topic]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def listen(mosquitto):
+    """``listen(topics)`` gives a Listener on the test broker; closed after the test."""
+    made = []
+
+    def make(topics: list[str]) -> Listener:
+        made.append(Listener(mosquitto.port, topics))
+        return made[-1]
+
+    yield make
+    for listener in made:
+        listener.close()
+
+
+def publisher(port: int):
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-camera-{time.time_ns()}")
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    return client

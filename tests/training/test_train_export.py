@@ -1,0 +1,149 @@
+"""`emotion-train export`: an fp16 copy of the best checkpoint that says where it comes from."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from datetime import datetime, timezone
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+import training.export
+from tests.training.conftest import fer_images
+from training.cli import main
+from training.export import export
+from worker.classify import predict
+from worker.model import CLASSES, CheckpointError, ModelInfo, ResNet9, load_checkpoint, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def faces() -> torch.Tensor:
+    """64 real val faces of four classes (not among those the tiny runs trained or selected on)."""
+    paths = [p for name in ("happy", "sad", "surprise", "angry") for p in fer_images("val", name, 16, skip=100)]
+    return torch.from_numpy(np.stack([cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in paths]))
+
+
+def test_export_keeps_outputs_within_fp16_tolerance(seed_run, tmp_path, faces):
+    path = export(seed_run, tmp_path / "model.safetensors")
+    assert path == tmp_path / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes == {"F16", "I64"}  # I64: BatchNorm's num_batches_tracked
+    original_size = (seed_run / "best.safetensors").stat().st_size
+    assert 0.45 * original_size < path.stat().st_size < 0.55 * original_size
+
+    model, info = load_checkpoint(seed_run / "best.safetensors")
+    copy, copy_info = load_checkpoint(path)
+    assert copy_info.classes == info.classes and copy_info.width == info.width
+    assert (copy_info.mean, copy_info.std) == (info.mean, info.std)
+    before, after = predict(model, info, faces), predict(copy, copy_info, faces)
+    assert before.std(0).mean() > 1e-3, "the test model should not give every face the same probabilities"
+    assert (before - after).abs().max() < 1e-2
+    assert (before.argmax(1) == after.argmax(1)).float().mean() >= 0.95
+
+
+def test_export_metadata_comes_from_the_run(best_run, tmp_path):
+    metrics = json.loads((best_run / "metrics.json").read_text())
+    trained = load_checkpoint(best_run / "best.safetensors")[1]
+    path = export(best_run, tmp_path / "model.safetensors")
+    info = load_checkpoint(path)[1]
+    extra = info.extra
+    assert extra["recipe"] == "best"
+    assert extra["epochs"] == "1" and extra["best_epoch"] == "1"
+    assert info.width == 0.125
+    assert extra["device"] == "cpu"
+    assert float(extra["train_minutes"]) == pytest.approx(metrics["train_seconds"] / 60, abs=0.05)
+    val = metrics["val"]
+    assert extra["val_acc"] == f"{val['none']['accuracy']:.4f}"
+    assert extra["val_acc_flip"] == f"{val['flip']['accuracy']:.4f}"
+    assert extra["val_acc_tencrop"] == f"{val['tencrop']['accuracy']:.4f}"
+    assert extra["val_n"] == str(val["none"]["n"])
+    per_class = json.loads(extra["val_per_class"])
+    assert per_class == val["none"]["per_class"] and set(per_class) == set(CLASSES)
+    assert json.loads(extra["hyperparameters"])["optimizer"] == "sgd"
+    assert extra["data"] == metrics["data"]
+    # What fit wrote into the checkpoint stays.
+    assert extra["data_split"] == trained.extra["data_split"]
+    assert extra["date"] == trained.extra["date"]
+    exported = datetime.fromisoformat(extra["exported"])
+    assert abs((datetime.now(timezone.utc) - exported).total_seconds()) < 120
+    assert info.version == f"{exported:%Y.%m.%d}-best-w0.125"
+    assert re.fullmatch(r"\d{4}\.\d{2}\.\d{2}-best-w0\.125", info.version)
+
+
+def test_export_of_a_checkpoint_file_without_metrics(tmp_path):
+    torch.manual_seed(0)
+    source = save_checkpoint(ResNet9(width=0.25), ModelInfo(width=0.25, extra={"recipe": "seed", "note": "kept"}),
+                             tmp_path / "mine.safetensors")
+    (tmp_path / "out").mkdir()
+    path = export(source, tmp_path / "out")  # a folder: the bundled model's file name inside it
+    assert path == tmp_path / "out" / "resnet9.safetensors"
+    info = load_checkpoint(path)[1]
+    assert info.extra["note"] == "kept"
+    assert "val_acc" not in info.extra
+    assert info.version.endswith("-seed-w0.25")
+
+
+def test_cli_export_writes_the_bundled_model_by_default(best_run, tmp_path, monkeypatch, capsys):
+    bundled = tmp_path / "weights" / "resnet9.safetensors"
+    monkeypatch.setattr(training.export, "BUNDLED_WEIGHTS", bundled)
+    assert main(["export", "--run", str(best_run)]) == 0
+    assert f"wrote {bundled} (0.4 MB)" in capsys.readouterr().out
+    assert load_checkpoint(bundled)[1].extra["recipe"] == "best"
+    assert sorted(p.name for p in bundled.parent.iterdir()) == ["resnet9.safetensors"]  # no leftovers
+
+
+def test_export_refuses_a_folder_without_best_checkpoint(best_run, tmp_path, capsys):
+    run = tmp_path / "unfinished"
+    run.mkdir()
+    shutil.copy(best_run / "metrics.json", run)
+    with pytest.raises(CheckpointError, match=re.escape(f"{run}: no best.safetensors in this folder")):
+        export(run, tmp_path / "model.safetensors")
+    assert not (tmp_path / "model.safetensors").exists()
+    assert main(["export", "--run", str(run), "--to", str(tmp_path / "model.safetensors")]) == 2
+    assert f"{run}: no best.safetensors" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="does not exist"):
+        export(tmp_path / "nowhere", tmp_path / "model.safetensors")
+
+
+def test_export_refuses_metrics_of_another_run(best_run, tmp_path):
+    run = tmp_path / "mixed"
+    run.mkdir()
+    shutil.copy(best_run / "best.safetensors", run)
+    metrics = json.loads((best_run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "width": 0.5}))
+    with pytest.raises(CheckpointError, match=r"metrics\.json: describes a 'best' run of width 0\.5"):
+        export(run, tmp_path / "model.safetensors")
+
+
+def test_export_refuses_a_result_of_25_mb_or_more_and_keeps_the_old_file(best_run, tmp_path, monkeypatch):
+    dest = tmp_path / "model.safetensors"
+    dest.write_bytes(b"the previous model")
+    monkeypatch.setattr(training.export, "MAX_BYTES", 100_000)  # the tiny model is about 0.35 MB
+    with pytest.raises(CheckpointError, match=r"would be 0\.\d MB, the limit is 0 MB"):
+        export(best_run, dest)
+    assert dest.read_bytes() == b"the previous model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_full_width_export_is_under_25_mb(tmp_path):
+    torch.manual_seed(0)
+    source = save_checkpoint(ResNet9(width=1.0), ModelInfo(width=1.0), tmp_path / "full.safetensors")
+    path = export(source, tmp_path / "model.safetensors")
+    assert 10e6 < path.stat().st_size < 25e6
+
+
+def test_export_refuses_weights_that_do_not_survive_fp16(tmp_path):
+    torch.manual_seed(0)
+    model = ResNet9(width=0.125)
+    with torch.no_grad():
+        model.classifier[-1].weight.mul_(1e6)  # beyond fp16's largest value, 65504
+    source = save_checkpoint(model, ModelInfo(width=0.125), tmp_path / "huge.safetensors")
+    with pytest.raises(CheckpointError, match="do not survive fp16"):
+        export(source, tmp_path / "model.safetensors")
+    assert not (tmp_path / "model.safetensors").exists()

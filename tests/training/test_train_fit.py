@@ -1,0 +1,137 @@
+"""`emotion-train fit`: a tiny run of each recipe, and --resume after an interruption."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+import training.fit
+from tests.training.conftest import TINY_FIT
+from training.cli import main
+from worker.model import CLASSES, load_checkpoint
+
+METRICS_KEYS = {
+    "recipe", "hyperparameters", "width", "epochs", "best_epoch", "device", "host", "threads", "precision",
+    "train_images", "train_seconds", "images_per_s", "val", "val_confusion", "classes", "data", "history",
+}
+HISTORY_KEYS = {"epoch", "loss", "train_acc", "val_acc", "val_acc_tta", "lr", "images_per_s", "seconds"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def check_run(out, recipe: str, epochs: int = 1) -> dict:
+    """Assert what a finished fit run leaves in ``out``; return its metrics."""
+    model, info = load_checkpoint(out / "best.safetensors")
+    assert info.width == 0.125
+    assert info.classes == CLASSES
+    assert model.classifier[-1].out_features == len(CLASSES)
+    assert info.extra["recipe"] == recipe
+    assert info.extra["epochs"] == str(epochs)
+    assert info.extra["data_split"].startswith("trained on train/")
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == METRICS_KEYS
+    assert metrics["recipe"] == recipe
+    assert metrics["hyperparameters"]["name"] == recipe
+    assert metrics["width"] == 0.125
+    assert metrics["epochs"] == epochs
+    assert metrics["device"] == "cpu"
+    assert metrics["classes"] == list(CLASSES)
+    # A stratified 300 of the 350 copied images, rounding per class.
+    assert 295 <= metrics["train_images"] <= 305
+    assert [r["epoch"] for r in metrics["history"]] == list(range(1, epochs + 1))
+    assert all(set(r) == HISTORY_KEYS for r in metrics["history"])
+    assert metrics["best_epoch"] == max(metrics["history"], key=lambda r: r["val_acc_tta"])["epoch"]
+    assert info.extra["epoch"] == str(metrics["best_epoch"])
+    assert set(metrics["val"]) == {"none", "flip", "tencrop"}
+    # --limit 300 validates on max(300 // 4, 50) = 75 of the 84 val images.
+    for result in metrics["val"].values():
+        assert set(result) == {"accuracy", "per_class", "n"}
+        assert 73 <= result["n"] <= 77
+        assert 0.0 <= result["accuracy"] <= 1.0
+        assert set(result["per_class"]) == set(CLASSES)
+    confusion = metrics["val_confusion"]
+    assert len(confusion) == len(CLASSES) and all(len(row) == len(CLASSES) for row in confusion)
+    assert sum(map(sum, confusion)) == metrics["val"]["none"]["n"]
+    correct = sum(confusion[i][i] for i in range(len(CLASSES)))
+    assert metrics["val"]["none"]["accuracy"] == round(correct / metrics["val"]["none"]["n"], 4)
+    # The checkpoint kept is the one scored in metrics.json.
+    assert info.extra["val_acc"] == f"{metrics['history'][metrics['best_epoch'] - 1]['val_acc']:.4f}"
+
+    for png in ("curves.png", "confusion.png"):
+        data = (out / png).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000, png
+    return metrics
+
+
+def test_fit_best_recipe_writes_checkpoint_metrics_and_plots(best_run):
+    metrics = check_run(best_run, "best")
+    assert metrics["hyperparameters"]["optimizer"] == "sgd"
+    assert (best_run / "train_state.safetensors").is_file()
+
+
+def test_fit_seed_recipe_writes_checkpoint_metrics_and_plots(seed_run):
+    metrics = check_run(seed_run, "seed")
+    assert metrics["hyperparameters"]["optimizer"] == "adam"
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_continues_after_the_last_finished_epoch(small_fer, tmp_path, monkeypatch, capsys):
+    args = ["fit", "--data", str(small_fer), "--recipe", "best", *TINY_FIT, "--epochs", "2"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main([*args, "--out", str(full)]) == 0
+    full_metrics = json.loads((full / "metrics.json").read_text())
+
+    save_state = training.fit.save_state
+    saved_epochs: list[int] = []
+
+    def save_then_stop(path, model, ema, opt, gen, recipe, width, epoch, *rest):
+        save_state(path, model, ema, opt, gen, recipe, width, epoch, *rest)
+        saved_epochs.append(epoch)
+        if epoch == 1:
+            raise Interrupted  # as if the machine went down right after epoch 1
+
+    monkeypatch.setattr(training.fit, "save_state", save_then_stop)
+    with pytest.raises(Interrupted):
+        main([*args, "--out", str(cut)])
+    assert saved_epochs == [1]
+    assert not (cut / "metrics.json").exists()
+    with safe_open(str(cut / "train_state.safetensors"), framework="pt") as f:
+        state = json.loads(f.metadata()["state"])
+    assert state["epoch"] == 1 and len(state["history"]) == 1
+
+    capsys.readouterr()
+    saved_epochs.clear()
+    assert main([*args, "--out", str(cut), "--resume"]) == 0
+    assert "resuming after epoch 1" in capsys.readouterr().err
+    assert saved_epochs == [2], "the resumed run must train epoch 2 only"
+
+    metrics = check_run(cut, "best", epochs=2)
+    history = metrics["history"]
+    assert len(history) == len(full_metrics["history"]) == 2
+    # Epoch 1 is the interrupted run's own row (its timing included), not a re-run.
+    assert history[0] == state["history"][0]
+    assert metrics["train_seconds"] == pytest.approx(sum(r["seconds"] for r in history), abs=0.2)
+    # The one-cycle schedule went on where it stopped: the same learning rates as uninterrupted.
+    assert [r["lr"] for r in history] == pytest.approx([r["lr"] for r in full_metrics["history"]], rel=1e-9)
+    # Same seed, same data order: epoch 1 trains the same; epoch 2 from the restored
+    # weights, optimiser and generator (not bit-exact: dropout's RNG is not stored).
+    assert history[0]["loss"] == pytest.approx(full_metrics["history"][0]["loss"], rel=1e-3)
+    assert history[1]["loss"] == pytest.approx(full_metrics["history"][1]["loss"], rel=0.05)
+
+
+def test_resume_refuses_a_state_written_with_another_width(best_run, small_fer, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("train_state.safetensors", "best.safetensors"):
+        (out / name).write_bytes((best_run / name).read_bytes())
+    args = ["fit", "--data", str(small_fer), "--out", str(out), "--recipe", "best", *TINY_FIT, "--resume"]
+    with pytest.raises(SystemExit, match="another recipe or width"):
+        main([*args, "--width", "0.25"])
+    # The same recipe and width resume: the one epoch is already done, so it only finishes.
+    assert main(args) == 0
+    assert json.loads((out / "metrics.json").read_text())["history"][0]["epoch"] == 1

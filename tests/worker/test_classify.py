@@ -1,0 +1,208 @@
+"""Batched inference: probabilities, test-time augmentation, the Classifier's set-up checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import worker.model
+from worker.classify import TTA_MODES, Classifier, autocast_dtype, predict, tta_views
+from worker.config import Model
+from worker.model import CheckpointError, load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    return load_checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def crops() -> torch.Tensor:
+    """Five uint8 grey 48x48 crops with structure (not flat), so the network's outputs differ."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (5, 48, 48), dtype=torch.uint8, generator=g)
+
+
+def symmetric(n: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    half = torch.randint(0, 256, (n, 48, 24), dtype=torch.uint8, generator=g)
+    return torch.cat([half, half.flip(-1)], dim=-1)
+
+
+def classifier(path, **kw) -> Classifier:
+    return Classifier(Model(weights=path, **({"device": "cpu", "precision": "fp32", "tta": "flip"} | kw)))
+
+
+# --- predict ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tta", TTA_MODES)
+def test_predict_gives_probabilities(tiny, crops, tta):
+    model, info = tiny
+    probs = predict(model, info, crops, tta=tta)
+    assert probs.shape == (5, 7) and probs.dtype == torch.float32 and probs.device.type == "cpu"
+    assert (probs >= 0).all() and (probs <= 1).all()
+    torch.testing.assert_close(probs.sum(1), torch.ones(5))
+    assert not torch.allclose(probs[0], probs[1])  # each crop gets its own answer
+
+
+def test_predict_matches_a_manual_forward_pass(tiny, crops):
+    model, info = tiny
+    x = (crops.unsqueeze(1).float() / 255 - info.mean) / info.std
+    with torch.no_grad():
+        expected = model(x).softmax(1)
+    torch.testing.assert_close(predict(model, info, crops), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_predict_accepts_a_channel_dimension(tiny, crops):
+    model, info = tiny
+    torch.testing.assert_close(predict(model, info, crops.unsqueeze(1)), predict(model, info, crops))
+
+
+@pytest.mark.parametrize("tta", TTA_MODES)
+def test_batches_give_the_same_answer_as_one_batch(tiny, crops, tta):
+    model, info = tiny
+    torch.testing.assert_close(
+        predict(model, info, crops, tta=tta, batch_size=2), predict(model, info, crops, tta=tta, batch_size=128),
+        rtol=1e-5, atol=1e-6,
+    )
+
+
+def test_predict_of_nothing(tiny):
+    model, info = tiny
+    assert predict(model, info, torch.zeros(0, 48, 48, dtype=torch.uint8)).shape == (0, 7)
+
+
+def test_predict_does_not_change_its_input(tiny):
+    model, info = tiny
+    x = torch.full((2, 1, 48, 48), 100.0)
+    predict(model, info, x)
+    assert (x == 100.0).all()
+
+
+def test_flip_of_a_symmetric_input_equals_no_tta(tiny):
+    model, info = tiny
+    x = symmetric()
+    torch.testing.assert_close(predict(model, info, x, tta="flip"), predict(model, info, x, tta="none"),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_flip_of_an_asymmetric_input_averages_both_views(tiny, crops):
+    model, info = tiny
+    plain, mirrored = predict(model, info, crops), predict(model, info, crops.flip(-1))
+    assert not torch.allclose(plain, mirrored, atol=1e-4)
+    torch.testing.assert_close(predict(model, info, crops, tta="flip"), (plain + mirrored) / 2,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_tencrop_of_a_flat_input_equals_no_tta(tiny):
+    model, info = tiny
+    x = torch.full((2, 48, 48), 140, dtype=torch.uint8)
+    torch.testing.assert_close(predict(model, info, x, tta="tencrop"), predict(model, info, x, tta="none"),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_tta(tiny, crops):
+    model, info = tiny
+    with pytest.raises(ValueError, match="unknown test-time augmentation 'rotate'"):
+        predict(model, info, crops, tta="rotate")
+
+
+# --- tta_views ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode, count", [("none", 1), ("flip", 2), ("tencrop", 10)])
+def test_tta_views_count_and_shape(mode, count):
+    x = torch.randn(3, 1, 48, 48)
+    views = tta_views(x, mode)
+    assert len(views) == count
+    assert all(v.shape == (3, 1, 48, 48) for v in views)
+    assert torch.equal(views[0], x)
+
+
+def test_flip_view_is_the_mirror():
+    x = torch.randn(2, 1, 48, 48)
+    assert torch.equal(tta_views(x, "flip")[1][..., :, 0], x[..., :, -1])
+    assert torch.equal(tta_views(x, "flip")[1], x.flip(-1))
+
+
+def test_tencrop_views_are_shifts_and_their_mirrors():
+    x = torch.arange(48 * 48, dtype=torch.float32).reshape(1, 1, 48, 48)
+    views = tta_views(x, "tencrop")
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 10  # all different
+    # views 1..4: 2-pixel shifts in both directions, e.g. the top-left one shows x moved right and down by 2
+    shifted = views[1]
+    assert torch.equal(shifted[..., 2:, 2:], x[..., :-2, :-2])
+    assert torch.equal(views[4][..., :-2, :-2], x[..., 2:, 2:])
+    for plain, mirror in zip(views[:5], views[5:]):
+        assert torch.equal(mirror, plain.flip(-1))
+
+
+def test_tta_views_unknown_mode():
+    with pytest.raises(ValueError, match="none, flip, tencrop"):
+        tta_views(torch.zeros(1, 1, 48, 48), "five")
+
+
+# --- Classifier -------------------------------------------------------------------------------------
+
+
+def test_classifier_predicts_numpy_and_tensors(tiny_checkpoint, tiny, crops):
+    clf = classifier(tiny_checkpoint)
+    assert clf.path == tiny_checkpoint and clf.tta == "flip" and clf.precision == "fp32"
+    assert clf.info.name == "tiny-test" and clf.device.type == "cpu"
+    from_numpy = clf.predict(crops.numpy())
+    from_tensor = clf.predict(crops)
+    assert from_numpy.shape == (5, 7)
+    torch.testing.assert_close(from_numpy, from_tensor)
+    torch.testing.assert_close(from_numpy.sum(1), torch.ones(5))
+    model, info = tiny  # the same answer as the plain function with the same settings
+    torch.testing.assert_close(from_numpy, predict(model, info, crops, tta="flip"), rtol=1e-5, atol=1e-6)
+
+
+def test_classifier_bf16_is_close_to_fp32(tiny_checkpoint, crops):
+    fp32 = classifier(tiny_checkpoint, precision="fp32").predict(crops)
+    bf16 = classifier(tiny_checkpoint, precision="bf16")
+    assert bf16.precision == "bf16"
+    probs = bf16.predict(crops)
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs.sum(1), torch.ones(5))
+    torch.testing.assert_close(probs, fp32, rtol=0, atol=0.05)
+
+
+def test_classifier_auto_precision_on_cpu(tiny_checkpoint):
+    clf = classifier(tiny_checkpoint, precision="auto")
+    assert clf.amp == autocast_dtype(torch.device("cpu"))
+    assert clf.precision in ("bf16", "fp32")
+
+
+def test_classifier_with_missing_weights(tmp_path):
+    missing = tmp_path / "gone.safetensors"
+    with pytest.raises(CheckpointError) as info:
+        classifier(missing)
+    assert str(missing) in str(info.value) and "does not exist" in str(info.value)
+
+
+def test_classifier_without_weights_or_bundled_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(worker.model, "BUNDLED_WEIGHTS", tmp_path / "none.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        Classifier(Model(device="cpu"))
+    message = str(info.value)
+    assert str(tmp_path / "none.safetensors") in message and "model.weights" in message
+
+
+def test_fp16_on_cpu_is_refused(tiny_checkpoint):
+    with pytest.raises(ValueError) as info:
+        classifier(tiny_checkpoint, precision="fp16")
+    message = str(info.value)
+    assert "model.precision 'fp16'" in message and "CUDA" in message and "bf16" in message
+
+
+def test_cuda_without_a_cuda_device(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(CheckpointError, match="model.device is 'cuda'"):
+        classifier(tiny_checkpoint, device="cuda")
+
+
+def test_autocast_dtype_on_cpu():
+    assert autocast_dtype(torch.device("cpu")) in (torch.bfloat16, None)
+    assert autocast_dtype(torch.device("meta")) is None

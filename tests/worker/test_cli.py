@@ -1,0 +1,97 @@
+"""The emotion-worker command line: classify, publish, watch, config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import cv2
+import jsonschema
+
+from tests.conftest import REPO, start_worker
+from worker.events import EVENT_SCHEMA, load_schema
+
+
+def cli(*args, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "worker.cli", *args], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_classify_prints_one_json_line_per_image(worker_env, tmp_path, face_frames):
+    face = tmp_path / "face.jpg"
+    cv2.imwrite(str(face), face_frames[0][0])
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), face_frames[0][0] * 0 + 128)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    out = cli("classify", "--json", str(face), str(blank), str(broken), env=worker_env)
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [line["image"] for line in lines] == [str(face), str(blank), str(broken)]
+    first = lines[0]
+    assert len(first["faces"]) == 1 and first["emotion"] == first["faces"][0]["emotion"]
+    x, y, w, h = first["faces"][0]["box"]
+    px, py, pw, ph = face_frames[0][1]
+    assert abs(x - px) < 40 and abs(y - py) < 40 and abs(w - pw) < 60
+    assert lines[1]["faces"] == [] and lines[1]["emotion"] is None
+    assert "error" in lines[2]
+    assert out.returncode == 1  # one image could not be read
+
+    # --detector none: the image is the face crop itself.
+    crop = tmp_path / "crop.jpg"
+    cv2.imwrite(str(crop), cv2.imread(str(next((REPO.parent / "shared/data/fer2013/val/sad").glob("*.jpg")))))
+    out = cli("classify", "--json", "--detector", "none", str(crop), env=worker_env)
+    line = json.loads(out.stdout)
+    assert out.returncode == 0 and line["faces"][0]["box"] == [0, 0, 48, 48]
+
+
+def test_publish_and_watch_round_trip_through_the_worker(worker_env, tmp_path, face_frames, mosquitto):
+    images = tmp_path / "photos"
+    images.mkdir()
+    for i, (frame, _) in enumerate(face_frames[:2]):
+        cv2.imwrite(str(images / f"{i}.jpg"), frame)
+    worker = start_worker(worker_env, tmp_path / "worker.log")
+    try:
+        watch = subprocess.Popen([sys.executable, "-m", "worker.cli", "watch", "--json", "--count", "2",
+                                  "--timeout", "90"], env=worker_env, cwd=REPO, stdout=subprocess.PIPE, text=True)
+        # Wait for the worker's retained 'online' before publishing.
+        first = json.loads(watch.stdout.readline())
+        assert first["topic"] == "emotion/status" and first["payload"] == "online"
+        pub = cli("publish", "--device", "desk", "--images", str(images), "--fps", "10", env=worker_env)
+        assert pub.returncode == 0, pub.stderr
+        assert pub.stderr.count("published desk-") == 2
+        out, _ = watch.communicate(timeout=90)
+        assert watch.returncode == 0
+        events = [json.loads(line)["payload"] for line in out.splitlines()]
+        events = [e for e in events if isinstance(e, dict)]
+        assert [e["frame_id"] for e in events] == ["desk-0", "desk-1"]
+        for e in events:
+            jsonschema.validate(e, load_schema(EVENT_SCHEMA))
+            assert e["device_id"] == "desk" and e["meta"]["source"] in ("0.jpg", "1.jpg")
+    finally:
+        worker.terminate()
+        worker.wait(15)
+
+
+def test_config_prints_effective_settings_with_the_password_masked(worker_env, tmp_path):
+    conf = tmp_path / "worker.toml"
+    conf.write_text('[mqtt]\nhost = "broker.lan"\nusername = "cam"\npassword = "hunter2"\n[model]\ntta = "none"\n')
+    env = {**worker_env, "EMOTION_MQTT__HOST": "from-env.lan"}
+    out = cli("config", "--config", str(conf), "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["mqtt"]["host"] == "from-env.lan"  # environment beats the file
+    assert data["mqtt"]["username"] == "cam"
+    assert data["mqtt"]["password"] == "**********"
+    assert data["model"]["tta"] == "none"
+    assert "hunter2" not in out.stdout + out.stderr
+    toml_out = cli("config", "--config", str(conf), env=env)
+    assert 'password = "**********"' in toml_out.stdout and "hunter2" not in toml_out.stdout
+
+
+def test_config_with_unknown_key_fails_naming_it(worker_env, tmp_path):
+    conf = tmp_path / "worker.toml"
+    conf.write_text('[detector]\nkind = "haar"\nmin_face = 30\n')
+    out = cli("config", "--config", str(conf), env=worker_env)
+    assert out.returncode == 2
+    assert "detector.min_face" in out.stderr and "unknown key" in out.stderr

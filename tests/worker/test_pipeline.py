@@ -1,0 +1,122 @@
+"""Queues, batching, shedding and draining of the pipeline, without a broker."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from worker.classify import Classifier
+from worker.config import load_settings
+from worker.faces import FaceDetector
+from worker.frames import encode_jpeg
+from worker.pipeline import DropOldestQueue, Pipeline
+
+
+def test_drop_oldest_queue_keeps_the_newest():
+    q = DropOldestQueue(3)
+    dropped = [q.put(i) for i in range(5)]
+    assert dropped == [None, None, None, 0, 1]
+    assert [q.get(0.01) for _ in range(4)] == [2, 3, 4, None]
+
+
+class SlowClassifier:
+    """The real classifier, made slow, recording the batch sizes it was given."""
+
+    def __init__(self, inner: Classifier, delay_s: float):
+        self.inner, self.delay_s, self.batches = inner, delay_s, []
+        self.info = inner.info
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def predict(self, crops):
+        self.gate.wait()
+        self.batches.append(len(crops))
+        time.sleep(self.delay_s)
+        return self.inner.predict(crops)
+
+
+@pytest.fixture
+def make_pipeline(tiny_checkpoint, monkeypatch):
+    for k in list(__import__("os").environ):
+        if k.startswith("EMOTION_"):
+            monkeypatch.delenv(k)
+    made = []
+
+    def make(delay_s=0.0, **pipeline):
+        settings = load_settings(None, model={"weights": tiny_checkpoint, "tta": "none", "batch_size": 8,
+                                              "max_wait_ms": 50},
+                                 pipeline={"stats_interval_s": 0, **pipeline})
+        classifier = SlowClassifier(Classifier(settings.model), delay_s)
+        events, errors = [], []
+        p = Pipeline(settings, classifier, FaceDetector(settings.detector), events.append, errors.append)
+        p.start()
+        made.append(p)
+        return p, classifier, events, errors
+
+    yield make
+    for p in made:
+        p.stop()
+
+
+def test_faces_of_several_frames_are_classified_in_one_batch(make_pipeline, face_frames):
+    pipeline, classifier, events, errors = make_pipeline(threads=2)
+    classifier.gate.clear()  # hold inference until all frames are prepared
+    jpeg = encode_jpeg(face_frames[0][0])
+    for _ in range(4):
+        pipeline.submit("emotion/frames/kitchen", jpeg, time.time())
+    deadline = time.monotonic() + 20
+    while len(pipeline.ready) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    classifier.gate.set()
+    assert pipeline.drain(20)
+    assert len(events) == 4 and not errors
+    assert max(classifier.batches) >= 3, classifier.batches
+    assert sum(classifier.batches) == 4
+
+
+def test_when_behind_the_oldest_frames_are_dropped_and_counted(make_pipeline, face_frames):
+    pipeline, classifier, events, errors = make_pipeline(delay_s=0.3, queue_size=2, threads=1)
+    jpegs = [encode_jpeg(face_frames[i % len(face_frames)][0]) for i in range(20)]
+    for i, jpeg in enumerate(jpegs):
+        pipeline.submit("emotion/frames/kitchen", jpeg, time.time())
+    assert pipeline.drain(30)
+    stats = pipeline.stats.snapshot()
+    assert stats["received"] == 20
+    assert stats["dropped"] > 0
+    assert stats["events"] + stats["dropped"] == 20
+    assert len(events) == stats["events"] < 20
+    assert not errors
+
+
+def test_frames_older_than_max_age_are_skipped(make_pipeline, face_frames):
+    pipeline, classifier, events, errors = make_pipeline(max_age_s=1.0)
+    jpeg = encode_jpeg(face_frames[0][0])
+    pipeline.submit("emotion/frames/kitchen", jpeg, time.time() - 5)
+    pipeline.submit("emotion/frames/kitchen", jpeg, time.time())
+    assert pipeline.drain(20)
+    assert pipeline.stats.snapshot()["stale"] == 1
+    assert len(events) == 1
+
+
+def test_an_internal_error_costs_one_frame_not_the_worker(make_pipeline, face_frames):
+    pipeline, classifier, events, errors = make_pipeline()
+    real = classifier.inner.predict
+    calls = {"n": 0}
+
+    def flaky(crops):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return real(crops)
+
+    classifier.inner.predict = flaky
+    jpeg = encode_jpeg(face_frames[0][0])
+    pipeline.submit("emotion/frames/kitchen", jpeg, time.time())
+    assert pipeline.drain(20)
+    pipeline.submit("emotion/frames/kitchen", jpeg, time.time())
+    assert pipeline.drain(20)
+    assert [e["reason"] for e in errors] == ["internal"]
+    assert "boom" in errors[0]["message"]
+    assert len(events) == 1

@@ -1,0 +1,98 @@
+"""``emotion-train``: fit, evaluate and export the emotion model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="emotion-train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fit", help="train a ResNet9 on FER2013")
+    p.add_argument("--data", required=True, type=Path, help="folder with train/ and val/, or fer2013.csv")
+    p.add_argument("--out", required=True, type=Path, help="output folder (checkpoints, metrics, plots)")
+    p.add_argument("--recipe", choices=["seed", "best"], default="best")
+    p.add_argument("--epochs", type=int, help="number of epochs (default: the recipe's)")
+    p.add_argument("--width", type=float, default=1.0, help="channel multiplier, 1.0 is the full ResNet9")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--resume", action="store_true", help="continue from the training state in --out")
+    p.add_argument("--limit", type=int, help="train on a stratified subset of this many images")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("evaluate", help="score a checkpoint on a labelled folder or CSV")
+    p.add_argument("--weights", type=Path, help="checkpoint (default: the bundled model)")
+    p.add_argument("--data", required=True, type=Path, help="class folders, a folder with val/, or fer2013.csv")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--tta", nargs="?", const="tencrop", default="none", choices=["none", "flip", "tencrop"],
+                   help="test-time augmentation (--tta alone means tencrop)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("export", help="write a checkpoint as the bundled fp16 model")
+    p.add_argument("--run", required=True, type=Path, help="output folder of a fit run (or a checkpoint file)")
+    p.add_argument("--to", type=Path, help="destination (default: worker/weights/resnet9.safetensors)")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "fit":
+            return _fit(args)
+        if args.command == "evaluate":
+            return _evaluate(args)
+        return _export(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"emotion-train {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _fit(args) -> int:
+    from training.fit import RECIPES, fit
+
+    recipe = RECIPES[args.recipe]
+    if args.epochs:
+        recipe = replace(recipe, epochs=args.epochs)
+    fit(args.data, args.out, recipe, width=args.width, device=args.device, resume=args.resume,
+        limit=args.limit, seed=args.seed)
+    return 0
+
+
+def _evaluate(args) -> int:
+    from training.data import load_split
+    from training.evaluate import evaluate_model
+    from training.fit import pick_device
+    from worker.classify import autocast_dtype
+    from worker.model import BUNDLED_WEIGHTS, load_checkpoint
+
+    dev = pick_device(args.device)
+    model, info = load_checkpoint(args.weights or BUNDLED_WEIGHTS, dev)
+    split = load_split(args.data, args.split, info.classes)
+    result = evaluate_model(model, info, split, args.tta, amp=autocast_dtype(dev))
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{args.weights or BUNDLED_WEIGHTS} on {split.source} ({result['n']} images, TTA {args.tta})")
+    print(f"accuracy {result['accuracy']:.4f}")
+    for name, acc in result["per_class"].items():
+        print(f"  {name:9s} {acc:.4f}  ({result['counts'][name]} images)")
+    width = max(len(c) for c in info.classes)
+    print("confusion (rows true, columns predicted):")
+    print(" " * (width + 1) + " ".join(f"{c[:5]:>5s}" for c in info.classes))
+    for name, row in zip(info.classes, result["confusion"]):
+        print(f"{name:>{width}s} " + " ".join(f"{v:5d}" for v in row))
+    return 0
+
+
+def _export(args) -> int:
+    from training.export import export
+
+    path = export(args.run, args.to)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

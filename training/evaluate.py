@@ -1,0 +1,43 @@
+"""``emotion-train evaluate``: accuracy, per-class accuracy and confusion matrix of a checkpoint."""
+
+from __future__ import annotations
+
+import torch
+
+from training.data import Split
+from worker.classify import predict
+from worker.model import ModelInfo, ResNet9
+
+
+def evaluate_model(
+    model: ResNet9, info: ModelInfo, split: Split, tta: str = "none", amp: torch.dtype | None = None
+) -> dict:
+    """Score ``model`` on ``split``.
+
+    Returns ``accuracy`` (fraction correct), ``per_class`` (class name to accuracy,
+    only for classes present in the split), ``n`` (images), ``counts`` (images per
+    present class) and ``confusion`` (rows: true class, columns: predicted, in
+    ``info.classes`` order).
+    """
+    if tuple(split.classes) != tuple(info.classes):
+        order = [info.classes.index(c) for c in split.classes]
+        labels = torch.tensor(order)[split.labels]
+    else:
+        labels = split.labels
+    probs = predict(model, info, split.images, tta, amp=amp)
+    pred = probs.argmax(1)
+    k = len(info.classes)
+    confusion = torch.bincount(labels * k + pred, minlength=k * k).view(k, k)
+    counts = confusion.sum(1)
+    per_class = {
+        name: round(confusion[i, i].item() / counts[i].item(), 4)
+        for i, name in enumerate(info.classes)
+        if counts[i] > 0
+    }
+    return {
+        "accuracy": round((pred == labels).float().mean().item(), 4) if len(labels) else float("nan"),
+        "per_class": per_class,
+        "n": len(labels),
+        "counts": {name: counts[i].item() for i, name in enumerate(info.classes) if counts[i] > 0},
+        "confusion": confusion.tolist(),
+    }

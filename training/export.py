@@ -1,0 +1,142 @@
+"""``emotion-train export``: write a trained checkpoint as the bundled fp16 model.
+
+The exported file is an ordinary checkpoint (see ``worker.model``) with its
+floating-point tensors in fp16 and its metadata extended from the run's
+``metrics.json``, so the bundled model says which recipe, data and accuracy it
+comes from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from worker.classify import predict
+from worker.model import BUNDLED_WEIGHTS, CheckpointError, ModelInfo, load_checkpoint, save_checkpoint
+
+BEST_FILE = "best.safetensors"  # as written by training.fit
+METRICS_FILE = "metrics.json"
+MAX_BYTES = 25_000_000  # the bundled model ships inside the package and the image
+# Largest difference in class probability allowed between the fp32 model and its fp16 copy.
+FP16_TOLERANCE = 1e-2
+
+
+def export(run: Path, to: Path | None = None) -> Path:
+    """Export the best checkpoint of a fit run as an fp16 checkpoint; return the path written.
+
+    ``run`` is the ``--out`` folder of ``emotion-train fit`` (its ``best.safetensors``
+    and ``metrics.json`` are used) or a checkpoint file (then a ``metrics.json``
+    beside a ``best.safetensors`` is used too). ``to`` defaults to the bundled
+    model, ``worker/weights/resnet9.safetensors``; a folder means that file name
+    inside it. Raises :class:`CheckpointError` (a ``ValueError``) naming the path
+    when there is no checkpoint, the metrics belong to another model, the fp16
+    copy does not reproduce the model, or the result is 25 MB or more; the
+    destination is then left as it was.
+    """
+    run = Path(run)
+    if run.is_dir():
+        source = run / BEST_FILE
+        if not source.is_file():
+            raise CheckpointError(
+                f"{run}: no {BEST_FILE} in this folder; pass the --out folder of a finished "
+                "'emotion-train fit' run or a checkpoint file"
+            )
+    elif run.is_file():
+        source = run
+    else:
+        raise CheckpointError(f"{run} does not exist")
+    model, info = load_checkpoint(source)
+    metrics = _read_metrics(source.parent / METRICS_FILE, info) if source.name == BEST_FILE else None
+    info = exported_info(info, metrics)
+
+    to = Path(to) if to is not None else BUNDLED_WEIGHTS
+    if to.is_dir():
+        to = to / BUNDLED_WEIGHTS.name
+    # Written beside the destination and moved into place only once checked, so a
+    # failed export never replaces a working bundled model.
+    staged = to.with_name(to.name + ".export.tmp")
+    try:
+        save_checkpoint(model, info, staged, dtype=torch.float16)
+        size = staged.stat().st_size
+        if size >= MAX_BYTES:
+            raise CheckpointError(
+                f"{to}: the exported model would be {size / 1e6:.1f} MB, the limit is {MAX_BYTES / 1e6:.0f} MB; "
+                f"export a narrower model (width {info.width} now)"
+            )
+        _check_same_outputs(model, staged, to)
+        os.replace(staged, to)
+    finally:
+        staged.unlink(missing_ok=True)
+    return to
+
+
+def exported_info(info: ModelInfo, metrics: dict | None, now: datetime | None = None) -> ModelInfo:
+    """``info`` with ``version`` set (``YYYY.MM.DD-<recipe>-w<width>``) and ``extra`` extended from ``metrics``.
+
+    Added keys (all strings): ``recipe``, ``epochs``, ``best_epoch``, ``device``,
+    ``train_minutes``, ``train_images``, ``val_acc``, ``val_acc_flip``,
+    ``val_acc_tencrop`` (fractions correct on val/ without TTA, with flip, with
+    ten-crop), ``val_n`` (images), ``val_per_class`` (JSON: class to fraction,
+    no TTA), ``hyperparameters`` (JSON), ``data`` and ``exported`` (ISO 8601, UTC).
+    """
+    now = now or datetime.now(timezone.utc)
+    extra = dict(info.extra)
+    if metrics:
+        val = metrics.get("val", {})
+        extra.update(
+            recipe=str(metrics["recipe"]),
+            epochs=str(metrics["epochs"]),
+            best_epoch=str(metrics["best_epoch"]),
+            device=str(metrics.get("device", extra.get("device", ""))),
+            train_minutes=f"{metrics['train_seconds'] / 60:.1f}",
+            train_images=str(metrics.get("train_images", extra.get("train_images", ""))),
+            data=str(metrics.get("data", extra.get("data", ""))),
+            hyperparameters=json.dumps(metrics.get("hyperparameters", {}), sort_keys=True),
+        )
+        for tta, key in (("none", "val_acc"), ("flip", "val_acc_flip"), ("tencrop", "val_acc_tencrop")):
+            if tta in val:
+                extra[key] = f"{val[tta]['accuracy']:.4f}"
+        if "none" in val:
+            extra["val_n"] = str(val["none"]["n"])
+            extra["val_per_class"] = json.dumps(val["none"]["per_class"])
+    extra["exported"] = now.isoformat(timespec="seconds")
+    recipe = extra.get("recipe", "unknown")
+    version = f"{now:%Y.%m.%d}-{recipe}-w{info.width:g}"
+    return replace(info, version=version, extra=extra)
+
+
+def _read_metrics(path: Path, info: ModelInfo) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+        recipe, width, epochs = metrics["recipe"], float(metrics["width"]), metrics["epochs"]
+        metrics["best_epoch"], metrics["train_seconds"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not the metrics.json of a finished fit run ({exc!r})") from None
+    # The checkpoint records its own recipe and width; metrics from another run must not be attached to it.
+    if width != info.width or recipe != info.extra.get("recipe", recipe) or str(epochs) != info.extra.get(
+        "epochs", str(epochs)
+    ):
+        raise CheckpointError(
+            f"{path}: describes a {recipe!r} run of width {width} and {epochs} epochs, but the checkpoint beside it "
+            f"is {info.extra.get('recipe')!r}, width {info.width}, {info.extra.get('epochs')} epochs"
+        )
+    return metrics
+
+
+def _check_same_outputs(model: torch.nn.Module, exported: Path, to: Path) -> None:
+    """Refuse an fp16 copy whose probabilities differ (weights out of fp16 range, say)."""
+    copy, info = load_checkpoint(exported)
+    images = torch.randint(0, 256, (8, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    diff = (predict(model, info, images) - predict(copy, info, images)).abs().max().item()
+    if not diff < FP16_TOLERANCE:  # also catches NaN
+        raise CheckpointError(
+            f"{to}: the fp16 copy changes class probabilities by up to {diff:.3g} "
+            f"(tolerance {FP16_TOLERANCE}); the weights do not survive fp16"
+        )

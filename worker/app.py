@@ -1,0 +1,71 @@
+"""The worker's start and stop, as a straight list of steps."""
+
+from __future__ import annotations
+
+import threading
+
+from worker.broker import EmbeddedBroker
+from worker.classify import Classifier
+from worker.config import Settings
+from worker.faces import FaceDetector
+from worker.log import get_logger
+from worker.mqtt import MqttLink
+from worker.pipeline import Pipeline
+
+log = get_logger("emotion-worker")
+
+
+class Worker:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.broker: EmbeddedBroker | None = None
+        self.link: MqttLink | None = None
+        self.pipeline: Pipeline | None = None
+        self.stopped = threading.Event()
+
+    def start(self) -> None:
+        s = self.settings
+        # 1. The model, warmed up, so the first frame is not slow and a bad checkpoint fails now.
+        classifier = Classifier(s.model)
+        info = classifier.info
+        log.info("model loaded", path=str(classifier.path), name=info.name, version=info.version,
+                 width=info.width, device=str(classifier.device), precision=classifier.precision, tta=classifier.tta,
+                 val_acc=info.extra.get("val_acc"), val_acc_tta=info.extra.get("val_acc_tta"))
+        # 2. The face detector.
+        detector = FaceDetector(s.detector)
+        log.info("face detector ready", kind=s.detector.kind, detect_width=s.detector.detect_width)
+        # 3. The embedded broker, when asked for.
+        if s.broker.embedded:
+            self.broker = EmbeddedBroker(s.broker.host, s.broker.port)
+            self.broker.start()
+            log.info("embedded broker listening (amqtt, MQTT 3.1.1; use a broker such as Mosquitto for MQTT 5 "
+                     "and shared subscriptions)", host=s.broker.host, port=s.broker.port)
+        # 4. The pipeline threads, then the MQTT connection that feeds them.
+        self.pipeline = Pipeline(
+            s,
+            classifier,
+            detector,
+            publish_event=lambda e: self.link.publish_json(s.topics.events, e, qos=1),
+            publish_error=lambda e: self.link.publish_json(s.topics.errors, e, qos=0),
+        )
+        self.pipeline.start()
+        self.link = MqttLink(s, self.pipeline.submit)
+        self.link.start()
+
+    def stop(self, drain_timeout: float = 5.0) -> None:
+        """Stop consuming, finish in-flight frames, publish offline, disconnect, stop threads."""
+        if self.stopped.is_set():
+            return
+        self.stopped.set()
+        log.info("stopping")
+        if self.link:
+            self.link.stop_consuming()
+        if self.pipeline and not self.pipeline.drain(drain_timeout):
+            log.warning("frames still in flight at shutdown were abandoned", timeout_s=drain_timeout)
+        if self.link:
+            self.link.close()
+        if self.pipeline:
+            self.pipeline.stop()
+            log.info("stopped", **self.pipeline.stats.snapshot())
+        if self.broker:
+            self.broker.stop()

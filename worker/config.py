@@ -1,0 +1,287 @@
+"""Settings of the worker: defaults, ``config/worker.toml``, ``EMOTION_*`` environment, command line.
+
+Precedence, highest first: command line, environment, config file, defaults.
+Unknown keys in any source are errors, so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+ENV_PREFIX = "EMOTION_"
+DEFAULT_CONFIG = Path("config/worker.toml")
+_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config_file", default=None)
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and the problem."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TLS(Section):
+    enabled: bool = Field(False, description="Connect with TLS.")
+    ca_certs: Path | None = Field(None, description="CA bundle to verify the broker with; the system's when unset.")
+    certfile: Path | None = Field(None, description="Client certificate (PEM) for brokers that require one.")
+    keyfile: Path | None = Field(None, description="Private key (PEM) of the client certificate.")
+    insecure: bool = Field(False, description="Skip verification of the broker's host name. Only for testing.")
+
+
+class MQTT(Section):
+    host: str = Field("127.0.0.1", description="Broker host name or address.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port (8883 is usual with TLS).")
+    protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version.")
+    client_id: str = Field("", description="Client id; empty gives 'emotion-worker-<host>-<pid>'.")
+    username: str = Field("", description="User name; empty connects anonymously.")
+    password: SecretStr = Field(SecretStr(""), description="Password; never logged or printed.")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="Keep-alive interval in seconds.")
+    reconnect_min_s: float = Field(1.0, gt=0, description="First delay before reconnecting, in seconds; doubles each try.")
+    reconnect_max_s: float = Field(30.0, gt=0, description="Longest delay between reconnection attempts, in seconds.")
+    tls: TLS = Field(default_factory=TLS, description="TLS options.")
+
+    @model_validator(mode="after")
+    def _delays(self) -> MQTT:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must not be smaller than reconnect_min_s")
+        return self
+
+    def effective_client_id(self) -> str:
+        return self.client_id or f"emotion-worker-{socket.gethostname()}-{os.getpid()}"
+
+
+class Topics(Section):
+    frames: list[str] = Field(
+        ["emotion/frames/+"],
+        min_length=1,
+        description="Topic filters frames arrive on. The level matched by the first '+' is the device id. "
+        "Prefix with '$share/<group>/' (MQTT 5) to split frames among several workers.",
+    )
+    events: str = Field("emotion/events", description="Topic emotion events are published to (QoS 1).")
+    errors: str = Field("emotion/errors", description="Topic records of rejected frames are published to.")
+    status: str = Field("emotion/status", description="Retained 'online' / 'offline' availability topic.")
+
+    @field_validator("frames")
+    @classmethod
+    def _filters(cls, filters: list[str]) -> list[str]:
+        for f in filters:
+            topic = strip_share(f)
+            if not topic or "+" not in topic.split("/") and not topic.endswith("#"):
+                raise ValueError(f"frame topic {f!r} has no '+' level for the device id")
+        return filters
+
+    @field_validator("events", "errors", "status")
+    @classmethod
+    def _plain(cls, topic: str) -> str:
+        if not topic or "+" in topic or "#" in topic:
+            raise ValueError(f"{topic!r} must be a topic name without wildcards")
+        return topic
+
+
+class Broker(Section):
+    embedded: bool = Field(False, description="Start an in-process broker (amqtt, MQTT 3.1.1) and connect to it.")
+    host: str = Field("127.0.0.1", description="Address the embedded broker listens on.")
+    port: int = Field(1883, ge=0, le=65535, description="Port the embedded broker listens on.")
+
+
+class Model(Section):
+    weights: Path | None = Field(None, description="Checkpoint (.safetensors); unset uses the bundled model.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run the network: auto picks CUDA when available.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on a CPU that has it, bf16 or fp16 on CUDA, else fp32."
+    )
+    tta: Literal["none", "flip", "tencrop"] = Field("flip", description="Test-time augmentation per face.")
+    batch_size: int = Field(32, ge=1, le=1024, description="Most faces classified in one batch.")
+    max_wait_ms: float = Field(5.0, ge=0, le=1000, description="Longest wait for more faces to fill a batch, in ms.")
+    threads: int = Field(0, ge=0, description="CPU threads for the network; 0 leaves PyTorch's default.")
+
+
+class Detector(Section):
+    kind: Literal["haar", "yunet", "none"] = Field(
+        "haar", description="haar: OpenCV Haar cascade; yunet: OpenCV FaceDetectorYN; none: each frame is a face crop."
+    )
+    yunet_model: Path | None = Field(None, description="ONNX file of YuNet, required when kind is yunet.")
+    detect_width: int = Field(320, ge=64, le=4096, description="Frames wider than this are scaled down to it for detection, in pixels.")
+    min_face_px: int = Field(40, ge=8, description="Smallest face to report, in frame pixels.")
+    score_threshold: float = Field(0.7, ge=0, le=1, description="YuNet confidence threshold.")
+    max_faces: int = Field(8, ge=1, le=64, description="Most faces classified per frame, largest first.")
+
+    @model_validator(mode="after")
+    def _yunet(self) -> Detector:
+        if self.kind == "yunet" and self.yunet_model is None:
+            raise ValueError("kind 'yunet' needs yunet_model, the path of the YuNet ONNX file")
+        return self
+
+
+class Pipeline(Section):
+    queue_size: int = Field(8, ge=1, le=10000, description="Frames waiting to be processed; beyond it the oldest are dropped.")
+    threads: int = Field(2, ge=1, le=64, description="Threads decoding frames and detecting faces.")
+    max_age_s: float = Field(
+        5.0, gt=0, description="Frames older than this (from captured_at, else from arrival) are skipped, in seconds."
+    )
+    max_payload_bytes: int = Field(4_000_000, ge=1024, description="Largest accepted frame payload, in bytes.")
+    max_pixels: int = Field(16_000_000, ge=1024, description="Largest accepted image, in pixels (width x height).")
+    publish_empty: bool = Field(False, description="Publish an event for frames without faces too.")
+    stats_interval_s: float = Field(60.0, ge=0, description="Seconds between statistics log lines; 0 turns them off.")
+
+
+class Log(Section):
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")
+    format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto: readable on a terminal, JSON lines otherwise."
+    )
+
+
+class Settings(BaseSettings):
+    """The whole configuration of the worker."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    mqtt: MQTT = Field(default_factory=MQTT, description="Connection to the MQTT broker.")
+    topics: Topics = Field(default_factory=Topics, description="MQTT topics.")
+    broker: Broker = Field(default_factory=Broker, description="Embedded broker for a set-up without one.")
+    model: Model = Field(default_factory=Model, description="Emotion model and inference.")
+    detector: Detector = Field(default_factory=Detector, description="Face detection.")
+    pipeline: Pipeline = Field(default_factory=Pipeline, description="Queues, limits and what to publish.")
+    log: Log = Field(default_factory=Log, description="Logging.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _config_file.get()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+def strip_share(topic_filter: str) -> str:
+    """The topic filter without an MQTT 5 ``$share/<group>/`` prefix."""
+    if topic_filter.startswith("$share/"):
+        parts = topic_filter.split("/", 2)
+        return parts[2] if len(parts) == 3 else ""
+    return topic_filter
+
+
+def config_path(explicit: str | Path | None = None) -> Path | None:
+    """The config file to read: ``--config``, else ``$EMOTION_CONFIG``, else ``config/worker.toml`` if present."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(f"{ENV_PREFIX}CONFIG"):
+        return Path(os.environ[f"{ENV_PREFIX}CONFIG"])
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from the config file at ``path`` (see :func:`config_path`), the environment and ``overrides``.
+
+    ``overrides`` are nested dicts by section, e.g. ``{"broker": {"embedded": True}}``.
+    Raises :class:`ConfigError` with one line per problem, each naming its key.
+    """
+    file = config_path(path)
+    if file is not None:
+        if not file.is_file():
+            raise ConfigError(f"config file {file} does not exist")
+        try:
+            tomllib.loads(file.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {file} is not valid TOML: {exc}") from None
+    _check_env_names()
+    token = _config_file.set(file)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        where = f" (from {file}, EMOTION_* environment and command line)" if file else ""
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":  # no value: a misspelt 'password' key holds a secret
+                lines.append(f"  {key}: unknown key")
+            else:
+                lines.append(f"  {key}: {err['msg']} (got {_shown(key, err.get('input'))})")
+        raise ConfigError(f"invalid configuration{where}:\n" + "\n".join(lines)) from None
+    finally:
+        _config_file.reset(token)
+
+
+def _shown(key: str, value: Any) -> str:
+    if "password" in key:
+        return "'**********'"
+    text = repr(_hide_secrets(value))
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _hide_secrets(value: Any) -> Any:
+    """``value`` with passwords masked, for a whole section shown by a section-level error."""
+    if isinstance(value, dict):
+        return {k: "**********" if "password" in str(k) else _hide_secrets(v) for k, v in value.items()}
+    return value
+
+
+def _check_env_names() -> None:
+    """Refuse ``EMOTION_*`` variables that name no section (pydantic-settings would ignore them)."""
+    sections = {name.upper() for name in Settings.model_fields}
+    for name in os.environ:
+        if not name.startswith(ENV_PREFIX) or name == f"{ENV_PREFIX}CONFIG":
+            continue
+        section = name[len(ENV_PREFIX) :].split("__", 1)[0]
+        if section not in sections:
+            raise ConfigError(
+                f"environment variable {name}: unknown key {section.lower()!r}; sections are "
+                + ", ".join(sorted(s.lower() for s in sections))
+            )
+
+
+def masked(settings: Settings) -> dict[str, Any]:
+    """The settings as plain data, with secrets shown as '**********' (or '' when unset)."""
+    data = settings.model_dump(mode="json")
+    data["mqtt"]["password"] = "**********" if settings.mqtt.password.get_secret_value() else ""
+    return data
+
+
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """Render nested settings data as TOML (None values are left out)."""
+    lines, tables = [], []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        elif value is not None:
+            lines.append(f"{key} = {_toml_value(value)}")
+    out = "\n".join(lines)
+    for key, value in tables:
+        name = f"{prefix}{key}"
+        body = to_toml(value, f"{name}.")
+        out += f"\n\n[{name}]\n{body}" if out or prefix else f"[{name}]\n{body}"
+    return out.strip("\n") if not prefix else out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    import json
+
+    return json.dumps(str(value))

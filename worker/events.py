@@ -1,0 +1,74 @@
+"""Emotion events and error records: what the worker publishes, in the shape of ``schemas/``."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from worker.faces import Box
+from worker.frames import Frame
+from worker.model import ModelInfo
+
+SCHEMA_VERSION = 1
+SCHEMAS = Path(__file__).parent / "schemas"
+EVENT_SCHEMA = SCHEMAS / "event.schema.json"
+ERROR_SCHEMA = SCHEMAS / "error.schema.json"
+
+
+def iso(ts: float) -> str:
+    """Unix seconds as ISO 8601 UTC with milliseconds, e.g. ``2026-11-27T22:14:05.123Z``."""
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def face_record(box: Box, probs: list[float], classes: tuple[str, ...]) -> dict:
+    """One face of an event: box [x, y, w, h] in frame pixels, top emotion, its probability, all scores."""
+    best = max(range(len(classes)), key=lambda i: probs[i])
+    total = sum(probs) or 1.0
+    return {
+        "box": [box.x, box.y, box.w, box.h],
+        "emotion": classes[best],
+        "confidence": round(probs[best] / total, 4),
+        "scores": {c: round(p / total, 4) for c, p in zip(classes, probs)},
+    }
+
+
+def make_event(frame: Frame, faces: list[dict], info: ModelInfo, processed_at: float) -> dict:
+    """The event for ``frame``; ``faces`` from :func:`face_record`, largest first."""
+    event = {
+        "schema": SCHEMA_VERSION,
+        "event_id": uuid.uuid4().hex,
+        "device_id": frame.device_id,
+        "frame_id": frame.frame_id,
+        "captured_at": iso(frame.timestamp),
+        "processed_at": iso(processed_at),
+        "latency_ms": round((processed_at - frame.timestamp) * 1000, 1),
+        "faces": faces,
+        "emotion": faces[0]["emotion"] if faces else None,
+        "model": {"name": info.name, "version": info.version},
+    }
+    if frame.meta:
+        event["meta"] = frame.meta
+    return event
+
+
+def make_error(
+    device_id: str | None, topic: str, reason: str, message: str, payload_bytes: int, at: float,
+    frame_id: str | None = None,
+) -> dict:
+    """A record of a rejected frame for the errors topic."""
+    return {
+        "schema": SCHEMA_VERSION,
+        "device_id": device_id,
+        "topic": topic,
+        "reason": reason,
+        "message": message,
+        "frame_id": frame_id,
+        "at": iso(at),
+        "payload_bytes": payload_bytes,
+    }
+
+
+def load_schema(path: Path = EVENT_SCHEMA) -> dict:
+    return json.loads(path.read_text())

@@ -1,0 +1,229 @@
+"""Frame payloads: raw JPEG or PNG bytes, or a JSON envelope with a base64 image.
+
+Every check that can reject a payload happens here, before a full decode, and
+raises :class:`FrameError` with a short machine-readable ``reason`` and a
+sentence naming what was wrong.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import struct
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import cv2
+import numpy as np
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+
+
+class FrameError(ValueError):
+    """A payload that cannot be processed. ``reason`` is one of the codes below."""
+
+    REASONS = (
+        "payload_too_large",
+        "empty_payload",
+        "not_an_image",
+        "truncated_image",
+        "corrupt_image",
+        "image_too_large",
+        "bad_json",
+        "bad_base64",
+        "bad_field",
+        "no_device_id",
+        "unknown_topic",
+        "internal",
+    )
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class Frame:
+    """A decoded frame. ``image`` is BGR uint8 (H, W, 3); times are Unix seconds."""
+
+    device_id: str
+    topic: str
+    frame_id: str
+    received_at: float
+    captured_at: float | None
+    image: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def timestamp(self) -> float:
+        """When the frame was taken if the camera said so, else when it arrived."""
+        return self.captured_at if self.captured_at is not None else self.received_at
+
+
+def fmt_bytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n} bytes"
+
+
+def decode_payload(
+    payload: bytes,
+    device_id: str,
+    topic: str,
+    max_payload_bytes: int,
+    max_pixels: int,
+    received_at: float | None = None,
+) -> Frame:
+    """Turn an MQTT payload into a :class:`Frame`.
+
+    ``payload`` is JPEG or PNG bytes, or a JSON object ``{"image": "<base64>",
+    "frame_id": "...", "captured_at": "<ISO 8601>" | <epoch seconds>, ...}``
+    whose other keys are kept as ``meta``. Images over ``max_pixels`` pixels
+    are refused from their header, before they are decoded.
+    """
+    received_at = time.time() if received_at is None else received_at
+    if len(payload) > max_payload_bytes:
+        raise FrameError(
+            "payload_too_large",
+            f"payload is {fmt_bytes(len(payload))}, limit is {fmt_bytes(max_payload_bytes)} (pipeline.max_payload_bytes)",
+        )
+    if not payload:
+        raise FrameError("empty_payload", "payload is empty")
+    frame_id, captured_at, meta = None, None, {}
+    data = payload
+    if payload.lstrip()[:1] in (b"{", b"["):  # "[" too, so a JSON array is told it must be an object
+        data, frame_id, captured_at, meta = _parse_envelope(payload, max_payload_bytes)
+    image = decode_image(data, max_pixels)
+    return Frame(
+        device_id=device_id,
+        topic=topic,
+        frame_id=frame_id or uuid.uuid4().hex[:12],
+        received_at=received_at,
+        captured_at=captured_at,
+        image=image,
+        meta=meta,
+    )
+
+
+def _parse_envelope(payload: bytes, max_payload_bytes: int) -> tuple[bytes, str | None, float | None, dict]:
+    try:
+        doc = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FrameError("bad_json", f"payload starts like JSON but is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise FrameError("bad_json", "JSON payload must be an object")
+    image = doc.pop("image", None)
+    if not isinstance(image, str) or not image:
+        raise FrameError("bad_field", "JSON payload needs 'image', a base64 string of JPEG or PNG bytes")
+    if image.startswith("data:") and "," in image:  # a data URL, as browsers produce
+        image = image.split(",", 1)[1]
+    try:
+        data = base64.b64decode(image, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise FrameError("bad_base64", f"'image' is not valid base64: {exc}") from None
+    if len(data) > max_payload_bytes:
+        raise FrameError(
+            "payload_too_large",
+            f"decoded image is {fmt_bytes(len(data))}, limit is {fmt_bytes(max_payload_bytes)} (pipeline.max_payload_bytes)",
+        )
+    frame_id = doc.pop("frame_id", None)
+    if frame_id is not None and (isinstance(frame_id, bool) or not isinstance(frame_id, (str, int))):
+        raise FrameError("bad_field", f"'frame_id' must be a string, got {type(frame_id).__name__}")
+    captured_at = parse_time(doc.pop("captured_at", None))
+    return data, None if frame_id is None else str(frame_id), captured_at, doc
+
+
+def parse_time(value: Any) -> float | None:
+    """Epoch seconds from ISO 8601 text (UTC when no zone is given) or a number of epoch seconds."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise FrameError("bad_field", "'captured_at' must be ISO 8601 text or epoch seconds, got a boolean")
+    if isinstance(value, (int, float)):
+        if not 0 <= value < 1e11:
+            raise FrameError("bad_field", f"'captured_at' {value} is not plausible epoch seconds")
+        return float(value)
+    if isinstance(value, str):
+        try:
+            seconds = float(value) if value.replace(".", "", 1).isdigit() else _iso(value)
+        except ValueError:
+            raise FrameError("bad_field", f"'captured_at' {value!r} is neither ISO 8601 nor epoch seconds") from None
+        if not 0 <= seconds < 1e11:  # the same check as for a number: milliseconds or year 1 are not plausible
+            raise FrameError("bad_field", f"'captured_at' {value!r} is not a plausible time")
+        return seconds
+    raise FrameError("bad_field", f"'captured_at' must be ISO 8601 text or epoch seconds, got {type(value).__name__}")
+
+
+def _iso(text: str) -> float:
+    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) in pixels read from a JPEG or PNG header, without decoding the image."""
+    if data.startswith(PNG_MAGIC):
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise FrameError("truncated_image", "PNG ends before its IHDR header")
+        return struct.unpack(">II", data[16:24])
+    if data.startswith(JPEG_MAGIC):
+        return _jpeg_size(data)
+    raise FrameError("not_an_image", "payload is not a JPEG, a PNG or a JSON object")
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            raise FrameError("corrupt_image", f"JPEG marker expected at byte {i}")
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        length = struct.unpack(">H", data[i + 2 : i + 4])[0]
+        # SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC) carry the frame size.
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if i + 9 > len(data):
+                break
+            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
+            return width, height
+        if marker == 0xDA:  # start of scan before any frame header
+            raise FrameError("corrupt_image", "JPEG has no frame header before its image data")
+        i += 2 + length
+    raise FrameError("truncated_image", "JPEG ends before its frame header")
+
+
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """Decode JPEG or PNG bytes into BGR uint8 (H, W, 3), refusing truncated files and images over ``max_pixels``."""
+    width, height = image_size(data)
+    if width == 0 or height == 0:
+        raise FrameError("corrupt_image", f"image header gives a size of {width}x{height}")
+    if width * height > max_pixels:
+        raise FrameError(
+            "image_too_large",
+            f"image is {width}x{height} = {width * height / 1e6:.1f} megapixels, "
+            f"limit is {max_pixels / 1e6:.1f} (pipeline.max_pixels)",
+        )
+    if data.startswith(JPEG_MAGIC) and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        raise FrameError("truncated_image", "JPEG is truncated (no end-of-image marker)")
+    if data.startswith(PNG_MAGIC) and b"IEND" not in data[-12:]:
+        raise FrameError("truncated_image", "PNG is truncated (no IEND chunk)")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise FrameError("corrupt_image", f"{'PNG' if data.startswith(PNG_MAGIC) else 'JPEG'} could not be decoded")
+    return image
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("image could not be encoded as JPEG")
+    return buf.tobytes()

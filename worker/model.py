@@ -1,0 +1,227 @@
+"""The ResNet9 emotion classifier and its safetensors checkpoint format.
+
+Both the service and the training code use this module, so the network that is
+trained is the network that is served.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+FORMAT = "emotion-resnet9"
+ARCH = "resnet9"
+CLASSES = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
+INPUT_SIZE = 48
+# Mean and standard deviation of FER2013 train/ pixels scaled to [0, 1].
+FER_MEAN = 0.5077
+FER_STD = 0.2550
+BUNDLED_WEIGHTS = Path(__file__).parent / "weights" / "resnet9.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or does not describe a usable model."""
+
+
+def conv_block(cin: int, cout: int, pool: bool = False) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, kernel_size=3, padding=1),
+        nn.BatchNorm2d(cout),
+        nn.ELU(inplace=True),
+    ]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+class ResNet9(nn.Module):
+    """ResNet9 for 1x48x48 grey faces.
+
+    Three stages of conv, conv+pool and a two-conv residual block with 128, 256
+    and 512 channels (times ``width``), dropout 0.5 after each residual block,
+    then MaxPool2d(6), Flatten and a linear layer to ``num_classes`` logits.
+    """
+
+    def __init__(self, num_classes: int = len(CLASSES), width: float = 1.0, in_channels: int = 1):
+        super().__init__()
+        c1, c2, c3 = (channels(n, width) for n in (128, 256, 512))
+        self.width = width
+        self.conv1 = conv_block(in_channels, c1)
+        self.conv2 = conv_block(c1, c1, pool=True)
+        self.res1 = nn.Sequential(conv_block(c1, c1), conv_block(c1, c1))
+        self.drop1 = nn.Dropout(0.5)
+        self.conv3 = conv_block(c1, c2)
+        self.conv4 = conv_block(c2, c2, pool=True)
+        self.res2 = nn.Sequential(conv_block(c2, c2), conv_block(c2, c2))
+        self.drop2 = nn.Dropout(0.5)
+        self.conv5 = conv_block(c2, c3)
+        self.conv6 = conv_block(c3, c3, pool=True)
+        self.res3 = nn.Sequential(conv_block(c3, c3), conv_block(c3, c3))
+        self.drop3 = nn.Dropout(0.5)
+        self.classifier = nn.Sequential(nn.MaxPool2d(6), nn.Flatten(), nn.Linear(c3, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv2(self.conv1(x))
+        x = self.drop1(self.res1(x) + x)
+        x = self.conv4(self.conv3(x))
+        x = self.drop2(self.res2(x) + x)
+        x = self.conv6(self.conv5(x))
+        x = self.drop3(self.res3(x) + x)
+        return self.classifier(x)
+
+
+def channels(base: int, width: float) -> int:
+    """Channel count of a layer with ``base`` channels at full width, at least 8."""
+    return max(8, int(math.ceil(base * width / 8) * 8))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a checkpoint says about its model; everything inference needs."""
+
+    classes: tuple[str, ...] = CLASSES
+    width: float = 1.0
+    input_size: int = INPUT_SIZE
+    mean: float = FER_MEAN
+    std: float = FER_STD
+    name: str = "resnet9-fer2013"
+    version: str = "0"
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def to_metadata(self) -> dict[str, str]:
+        meta = {str(k): str(v) for k, v in self.extra.items()}
+        meta.update(
+            format=FORMAT,
+            arch=ARCH,
+            width=repr(self.width),
+            classes=json.dumps(list(self.classes)),
+            input_size=str(self.input_size),
+            input_channels="1",
+            normalization=json.dumps({"mean": self.mean, "std": self.std}),
+            name=self.name,
+            version=self.version,
+        )
+        return meta
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str] | None, source: str) -> ModelInfo:
+        meta = dict(meta or {})
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(
+                f"{source}: not an emotion model checkpoint "
+                f"(metadata 'format' is {meta.get('format')!r}, expected {FORMAT!r})"
+            )
+        if meta.get("arch") != ARCH:
+            raise CheckpointError(f"{source}: architecture {meta.get('arch')!r} is not supported, expected {ARCH!r}")
+        try:
+            classes = tuple(json.loads(meta["classes"]))
+            width = float(meta["width"])
+            input_size = int(meta["input_size"])
+            norm = json.loads(meta["normalization"])
+            mean, std = float(norm["mean"]), float(norm["std"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{source}: metadata is incomplete or malformed ({exc!r})") from None
+        if input_size != INPUT_SIZE:
+            raise CheckpointError(f"{source}: input size {input_size} is not supported, the network takes {INPUT_SIZE}")
+        if len(classes) < 2 or len(set(classes)) != len(classes) or not all(isinstance(c, str) for c in classes):
+            raise CheckpointError(f"{source}: class names must be distinct strings, got {list(classes)}")
+        if not 0 < width <= 4 or not std > 0:
+            raise CheckpointError(f"{source}: width {width} or normalisation std {std} is out of range")
+        known = {"format", "arch", "width", "classes", "input_size", "input_channels", "normalization", "name", "version"}
+        return cls(
+            classes=classes,
+            width=width,
+            input_size=input_size,
+            mean=mean,
+            std=std,
+            name=meta.get("name", "resnet9-fer2013"),
+            version=meta.get("version", "0"),
+            extra={k: v for k, v in meta.items() if k not in known},
+        )
+
+
+def save_checkpoint(
+    model: ResNet9, info: ModelInfo, path: str | Path, dtype: torch.dtype | None = None
+) -> Path:
+    """Write the model's weights and ``info`` to a safetensors file at ``path``.
+
+    ``dtype`` (for example ``torch.float16``) converts floating-point tensors.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for key, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu")
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state[key] = tensor.contiguous()
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata=info.to_metadata())
+    tmp.replace(path)
+    return path
+
+
+def read_info(path: str | Path) -> ModelInfo:
+    """Read only the metadata of the checkpoint at ``path``."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    _check_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return ModelInfo.from_metadata(f.metadata(), str(path))
+    except CheckpointError:
+        raise
+    except Exception as exc:  # safetensors raises several types for a bad header
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[ResNet9, ModelInfo]:
+    """Load a checkpoint written by :func:`save_checkpoint` into a ResNet9 in eval mode.
+
+    Raises :class:`CheckpointError` naming the file and the problem when the file
+    is missing, is not safetensors, lacks the metadata, or its tensors do not fit
+    the architecture the metadata describes. Never unpickles anything.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    info = read_info(path)
+    try:
+        state = load_file(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"{path}: tensors could not be read ({exc})") from None
+    model = ResNet9(num_classes=len(info.classes), width=info.width)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+        if wrong_shape:
+            k = wrong_shape[0]
+            parts.append(f"{k} has shape {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}")
+        raise CheckpointError(
+            f"{path}: tensors do not match a ResNet9 of width {info.width} with {len(info.classes)} classes: "
+            + "; ".join(parts)
+        )
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    return model.to(device).eval(), info
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"model checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"model checkpoint {path} is not a file")

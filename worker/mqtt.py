@@ -1,0 +1,136 @@
+"""The MQTT connection: paho-mqtt 2.x, availability, subscriptions, publishing.
+
+paho's network thread only hands messages to ``on_frame``, which must enqueue
+and return; subscriptions are made in ``on_connect`` so a reconnect renews them.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+
+import paho.mqtt.client as mqtt
+
+from worker.config import Settings, strip_share
+from worker.frames import FrameError
+from worker.log import get_logger
+
+ONLINE, OFFLINE = b"online", b"offline"
+log = get_logger("emotion-worker.mqtt")
+
+
+def device_id_for(topic: str, filters: list[str]) -> str:
+    """The device id in ``topic``: the level matched by the first wildcard of the first matching filter.
+
+    Raises :class:`FrameError` (``unknown_topic`` or ``no_device_id``).
+    """
+    levels = topic.split("/")
+    for f in filters:
+        pattern = strip_share(f)
+        if not mqtt.topic_matches_sub(pattern, topic):
+            continue
+        parts = pattern.split("/")
+        at = next(i for i, p in enumerate(parts) if p in ("+", "#"))
+        device = levels[at] if at < len(levels) else ""
+        if not device:
+            raise FrameError("no_device_id", f"topic {topic!r} has an empty device id level (filter {f!r})")
+        return device
+    raise FrameError("unknown_topic", f"topic {topic!r} matches none of the frame filters {filters}")
+
+
+class MqttLink:
+    """One client: frames in, events, errors and status out."""
+
+    def __init__(self, settings: Settings, on_frame: Callable[[str, bytes, float], None]):
+        self.settings = settings
+        self.on_frame = on_frame
+        mq = settings.mqtt
+        self.protocol = mqtt.MQTTv5 if mq.protocol == "5" else mqtt.MQTTv311
+        kwargs = {} if self.protocol == mqtt.MQTTv5 else {"clean_session": True}
+        self.client_id = mq.effective_client_id()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=self.protocol, **kwargs
+        )
+        self.client.enable_logger(None)
+        self.client.will_set(settings.topics.status, OFFLINE, qos=1, retain=True)
+        if mq.username:
+            self.client.username_pw_set(mq.username, mq.password.get_secret_value() or None)
+        if mq.tls.enabled:
+            self.client.tls_set(
+                ca_certs=str(mq.tls.ca_certs) if mq.tls.ca_certs else None,
+                certfile=str(mq.tls.certfile) if mq.tls.certfile else None,
+                keyfile=str(mq.tls.keyfile) if mq.tls.keyfile else None,
+            )
+            self.client.tls_insecure_set(mq.tls.insecure)
+        self.client.reconnect_delay_set(min_delay=max(1, round(mq.reconnect_min_s)), max_delay=max(1, round(mq.reconnect_max_s)))
+        # Events published while the broker is away wait here; bounded so a long outage cannot exhaust memory.
+        self.client.max_queued_messages_set(1000)
+        self.client.on_connect = self._on_connect
+        self.client.on_connect_fail = self._on_connect_fail
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.connected = threading.Event()
+        self.connections = 0
+        self._accepting = True
+
+    @property
+    def where(self) -> str:
+        return f"{self.settings.mqtt.host}:{self.settings.mqtt.port}"
+
+    def start(self) -> None:
+        """Connect in the background; paho retries with backoff until the broker answers."""
+        mq = self.settings.mqtt
+        log.info("connecting", broker=self.where, protocol=f"MQTT {mq.protocol}", tls=mq.tls.enabled,
+                 client_id=self.client_id)
+        self.client.connect_async(mq.host, mq.port, mq.keepalive_s)
+        self.client.loop_start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.connected.wait(timeout)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker refused the connection", broker=self.where, reason=str(reason_code))
+            return
+        self.connections += 1
+        topics = self.settings.topics
+        if self._accepting:
+            client.subscribe([(f, 0) for f in topics.frames])
+        client.publish(topics.status, ONLINE, qos=1, retain=True)
+        self.connected.set()
+        log.info("connected" if self.connections == 1 else "reconnected", broker=self.where,
+                 subscribed=topics.frames, events=topics.events)
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        log.warning("broker unreachable, retrying", broker=self.where)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        if self._accepting:
+            log.warning("disconnected from broker, reconnecting", broker=self.where, reason=str(reason_code))
+
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        if self._accepting:
+            self.on_frame(msg.topic, msg.payload, time.time())
+
+    def publish_json(self, topic: str, doc: dict, qos: int = 1) -> None:
+        self.client.publish(topic, json.dumps(doc, separators=(",", ":")), qos=qos)
+
+    def stop_consuming(self) -> None:
+        """Unsubscribe from frames; messages already in flight are ignored."""
+        self._accepting = False
+        if self.connected.is_set():
+            self.client.unsubscribe(self.settings.topics.frames)
+
+    def close(self, timeout: float = 3.0) -> None:
+        """Publish ``offline`` (retained), wait for pending publishes, disconnect."""
+        self._accepting = False
+        if self.connected.is_set():
+            info = self.client.publish(self.settings.topics.status, OFFLINE, qos=1, retain=True)
+            deadline = time.monotonic() + timeout
+            while not info.is_published() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        self.client.disconnect()
+        self.client.loop_stop()

@@ -1,0 +1,296 @@
+"""Threads and queues between the MQTT client and the model.
+
+    paho network thread --submit()--> inbox (bounded, drops oldest)
+      --> prepare threads: device id, age, decode, detect, crop
+      --> ready (bounded, drops oldest)
+      --> inference thread: batches faces of several frames, publishes events
+
+Frames are perishable: a full queue drops its oldest frame and counts it, so
+latency stays bounded when the worker falls behind.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import structlog
+
+from worker.classify import Classifier
+from worker.config import Settings
+from worker.events import face_record, make_error, make_event
+from worker.faces import Box, FaceDetector, crop_faces
+from worker.frames import Frame, FrameError, decode_payload
+from worker.log import get_logger
+from worker.mqtt import device_id_for
+
+log = get_logger("emotion-worker.pipeline")
+
+
+class DropOldestQueue:
+    """A bounded FIFO whose ``put`` drops (and returns) the oldest item when full."""
+
+    def __init__(self, maxsize: int):
+        self._items: deque = deque()
+        self._maxsize = maxsize
+        self._cond = threading.Condition()
+
+    def put(self, item):
+        with self._cond:
+            dropped = self._items.popleft() if len(self._items) >= self._maxsize else None
+            self._items.append(item)
+            self._cond.notify()
+            return dropped
+
+    def get(self, timeout: float):
+        """The oldest item, or None after ``timeout`` seconds."""
+        with self._cond:
+            if not self._items:
+                self._cond.wait(timeout)
+            return self._items.popleft() if self._items else None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass
+class Message:
+    topic: str
+    payload: bytes
+    received_at: float
+
+
+@dataclass
+class Job:
+    frame: Frame
+    boxes: list[Box]
+    crops: np.ndarray
+
+
+class Stats:
+    """Counters and recent latencies, safe to update from any thread."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.counts: Counter = Counter()
+        self.rejected: Counter = Counter()
+        self.latencies: deque = deque(maxlen=2000)  # ms
+
+    def add(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[key] += n
+
+    def reject(self, reason: str) -> None:
+        with self._lock:
+            self.counts["rejected"] += 1
+            self.rejected[reason] += 1
+
+    def latency(self, ms: float) -> None:
+        with self._lock:
+            self.latencies.append(ms)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            lat = sorted(self.latencies)
+            out = dict(self.counts)
+            out["rejected_by_reason"] = dict(self.rejected)
+        if lat:
+            out["latency_ms_p50"] = round(lat[len(lat) // 2], 1)
+            out["latency_ms_p95"] = round(lat[min(len(lat) - 1, int(len(lat) * 0.95))], 1)
+        return out
+
+
+class Pipeline:
+    """Frames in through :meth:`submit`; events and error records out through the two callbacks."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        classifier: Classifier,
+        detector: FaceDetector,
+        publish_event: Callable[[dict], None],
+        publish_error: Callable[[dict], None],
+    ):
+        self.settings = settings
+        self.classifier = classifier
+        self.detector = detector
+        self.publish_event = publish_event
+        self.publish_error = publish_error
+        p = settings.pipeline
+        self.inbox = DropOldestQueue(p.queue_size)
+        self.ready = DropOldestQueue(p.queue_size)
+        self.stats = Stats()
+        self._stop = threading.Event()
+        self._pending = 0  # frames accepted and not yet finished
+        self._pending_cond = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._last_drop_log = 0.0
+
+    # -- life cycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        for i in range(self.settings.pipeline.threads):
+            self._threads.append(threading.Thread(target=self._prepare_loop, name=f"prepare-{i}", daemon=True))
+        self._threads.append(threading.Thread(target=self._infer_loop, name="inference", daemon=True))
+        if self.settings.pipeline.stats_interval_s:
+            self._threads.append(threading.Thread(target=self._stats_loop, name="stats", daemon=True))
+        for t in self._threads:
+            t.start()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every accepted frame is finished; False if ``timeout`` seconds passed first."""
+        deadline = time.monotonic() + timeout
+        with self._pending_cond:
+            while self._pending > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._pending_cond.wait(left)
+        return True
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout)
+
+    # -- input (paho's network thread) -----------------------------------------------------------
+    def submit(self, topic: str, payload: bytes, received_at: float) -> None:
+        """Queue a message; never blocks and does no work beyond that."""
+        self._begin()
+        dropped = self.inbox.put(Message(topic, payload, received_at))
+        if dropped is not None:
+            self._dropped(dropped.topic)
+
+    def _begin(self) -> None:
+        with self._pending_cond:
+            self._pending += 1
+        self.stats.add("received")
+
+    def _done(self, n: int = 1) -> None:
+        with self._pending_cond:
+            self._pending -= n
+            if self._pending <= 0:
+                self._pending_cond.notify_all()
+
+    def _dropped(self, topic: str) -> None:
+        self.stats.add("dropped")
+        self._done()
+        now = time.monotonic()
+        if now - self._last_drop_log > 5:  # one line per burst, the count says the rest
+            self._last_drop_log = now
+            log.warning("behind, dropping oldest frames", topic=topic, dropped_total=self.stats.counts["dropped"])
+
+    # -- prepare threads --------------------------------------------------------------------------
+    def _prepare_loop(self) -> None:
+        while not self._stop.is_set():
+            msg = self.inbox.get(timeout=0.1)
+            if msg is None:
+                continue
+            try:
+                job = self._prepare(msg)
+            except Exception as exc:  # a bug must cost one frame, never the worker
+                log.exception("frame failed", topic=msg.topic)
+                self._reject(None, msg, FrameError("internal", f"internal error: {exc!r}"))
+                job = None
+            if job is None:
+                self._done()
+            elif not job.boxes:
+                self.stats.add("no_face")
+                if self.settings.pipeline.publish_empty:
+                    self._publish(job.frame, [])
+                self._done()
+            else:
+                dropped = self.ready.put(job)
+                if dropped is not None:
+                    self._dropped(dropped.frame.topic)
+
+    def _prepare(self, msg: Message) -> Job | None:
+        p = self.settings.pipeline
+        try:
+            device = device_id_for(msg.topic, self.settings.topics.frames)
+        except FrameError as err:
+            self._reject(None, msg, err)
+            return None
+        if time.time() - msg.received_at > p.max_age_s:
+            self.stats.add("stale")
+            return None
+        try:
+            frame = decode_payload(msg.payload, device, msg.topic, p.max_payload_bytes, p.max_pixels, msg.received_at)
+        except FrameError as err:
+            self._reject(device, msg, err)
+            return None
+        with structlog.contextvars.bound_contextvars(device=device, frame=frame.frame_id):
+            age = time.time() - frame.timestamp
+            if age > p.max_age_s:
+                self.stats.add("stale")
+                log.debug("frame skipped, too old", age_s=round(age, 2), max_age_s=p.max_age_s)
+                return None
+            boxes = self.detector.detect(frame.image)
+            log.debug("frame decoded", size=f"{frame.image.shape[1]}x{frame.image.shape[0]}", faces=len(boxes))
+        return Job(frame, boxes, crop_faces(frame.image, boxes))
+
+    def _reject(self, device: str | None, msg: Message, err: FrameError) -> None:
+        self.stats.reject(err.reason)
+        log.warning("frame rejected", device=device, topic=msg.topic, reason=err.reason, error=str(err))
+        record = make_error(device, msg.topic, err.reason, str(err), len(msg.payload), time.time())
+        try:
+            self.publish_error(record)
+        except Exception:
+            log.exception("could not publish error record")
+
+    # -- inference thread -------------------------------------------------------------------------
+    def _infer_loop(self) -> None:
+        m = self.settings.model
+        while not self._stop.is_set():
+            first = self.ready.get(timeout=0.1)
+            if first is None:
+                continue
+            jobs, faces = [first], len(first.boxes)
+            deadline = time.monotonic() + m.max_wait_ms / 1000
+            while faces < m.batch_size:
+                left = deadline - time.monotonic()
+                job = self.ready.get(timeout=left) if left > 0 else None
+                if job is None:
+                    break
+                jobs.append(job)
+                faces += len(job.boxes)
+            try:
+                self._classify(jobs)
+            except Exception as exc:
+                log.exception("inference failed", frames=len(jobs))
+                for job in jobs:
+                    self._reject(job.frame.device_id, Message(job.frame.topic, b"", job.frame.received_at),
+                                 FrameError("internal", f"inference failed: {exc!r}"))
+            finally:
+                self._done(len(jobs))
+
+    def _classify(self, jobs: list[Job]) -> None:
+        probs = self.classifier.predict(np.concatenate([j.crops for j in jobs])).tolist()
+        classes = self.classifier.info.classes
+        at = 0
+        for job in jobs:
+            faces = [face_record(b, probs[at + i], classes) for i, b in enumerate(job.boxes)]
+            at += len(job.boxes)
+            self.stats.add("faces", len(faces))
+            self._publish(job.frame, faces)
+
+    def _publish(self, frame: Frame, faces: list[dict]) -> None:
+        event = make_event(frame, faces, self.classifier.info, time.time())
+        self.publish_event(event)
+        self.stats.add("events")
+        self.stats.latency(event["latency_ms"])
+        log.info("event", device=frame.device_id, frame=frame.frame_id, emotion=event["emotion"],
+                 faces=len(faces), latency_ms=event["latency_ms"])
+
+    def _stats_loop(self) -> None:
+        interval = self.settings.pipeline.stats_interval_s
+        last, last_events = time.monotonic(), 0
+        while not self._stop.wait(interval):
+            snap = self.stats.snapshot()
+            now = time.monotonic()
+            fps = (snap.get("events", 0) - last_events) / (now - last)
+            last, last_events = now, snap.get("events", 0)
+            log.info("stats", events_per_s=round(fps, 2), queued=len(self.inbox) + len(self.ready), **snap)
