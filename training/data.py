@@ -71,7 +71,7 @@ def load_split(data: str | Path, split: str, classes: tuple[str, ...] = CLASSES)
         return _load_folder(data / split, classes)
     if (data / "fer2013.csv").is_file():
         return _load_csv(data / "fer2013.csv", split, classes)
-    if any((data / c).is_dir() for c in classes):
+    if any(p.is_dir() and p.name.lower() in classes for p in data.iterdir()):
         return _load_folder(data, classes)
     raise DataError(f"{data} has no '{split}/' folder, no class folders and no fer2013.csv")
 

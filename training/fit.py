@@ -207,6 +207,8 @@ def fit(
         start_epoch, history, best_acc = meta["epoch"], meta["history"], meta["best_acc"]
         train_seconds = meta["train_seconds"]
         print(f"resuming after epoch {start_epoch} from {state_path}", file=sys.stderr)
+    elif resume:
+        print(f"no training state in {out} yet; starting from the first epoch", file=sys.stderr)
 
     x_train = train.images.unsqueeze(1).to(dev)
     y_train = train.labels.to(dev)
@@ -348,6 +350,9 @@ def save_state(path: Path, model, ema, opt, gen, recipe, width, epoch, history, 
             else:
                 scalars[f"{pid}.{name}"] = float(value)
     tensors["rng.generator"] = gen.get_state().cpu()
+    tensors["rng.torch"] = torch.get_rng_state()  # dropout draws from the global generator
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     meta = {
         "recipe": asdict(recipe),
         "width": width,
@@ -388,4 +393,8 @@ def load_state(path: Path, model, ema, opt, gen) -> dict:
     opt_state["state"] = state
     opt.load_state_dict(opt_state)
     gen.set_state(tensors["rng.generator"])
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
     return meta

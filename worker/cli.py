@@ -145,18 +145,19 @@ def _client(settings, name: str):
     """A plain MQTT 3.1.1 client for the helper commands (works with every broker, amqtt included)."""
     import paho.mqtt.client as mqtt
 
+    from worker.mqtt import configure_tls
+
     mq = settings.mqtt
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"emotion-{name}-{time.time_ns() % 10**9}",
                          protocol=mqtt.MQTTv311)
     if mq.username:
         client.username_pw_set(mq.username, mq.password.get_secret_value() or None)
-    if mq.tls.enabled:
-        client.tls_set(ca_certs=str(mq.tls.ca_certs) if mq.tls.ca_certs else None,
-                       certfile=str(mq.tls.certfile) if mq.tls.certfile else None,
-                       keyfile=str(mq.tls.keyfile) if mq.tls.keyfile else None)
-        client.tls_insecure_set(mq.tls.insecure)
     try:
+        if mq.tls.enabled:
+            configure_tls(client, mq.tls)
         client.connect(mq.host, mq.port, mq.keepalive_s)
+    except ValueError as exc:
+        raise SystemExit(f"emotion-worker {name}: {exc}") from None
     except OSError as exc:
         raise SystemExit(f"emotion-worker {name}: cannot reach the broker at {mq.host}:{mq.port}: {exc}") from None
     return client

@@ -242,9 +242,10 @@ def _check_env_names() -> None:
     """Refuse ``EMOTION_*`` variables that name no section (pydantic-settings would ignore them)."""
     sections = {name.upper() for name in Settings.model_fields}
     for name in os.environ:
-        if not name.startswith(ENV_PREFIX) or name == f"{ENV_PREFIX}CONFIG":
+        upper = name.upper()  # pydantic-settings reads names case-insensitively
+        if not upper.startswith(ENV_PREFIX) or upper == f"{ENV_PREFIX}CONFIG":
             continue
-        section = name[len(ENV_PREFIX) :].split("__", 1)[0]
+        section = upper[len(ENV_PREFIX) :].split("__", 1)[0]
         if section not in sections:
             raise ConfigError(
                 f"environment variable {name}: unknown key {section.lower()!r}; sections are "

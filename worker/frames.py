@@ -96,7 +96,7 @@ def decode_payload(
     frame_id, captured_at, meta = None, None, {}
     data = payload
     if payload.lstrip()[:1] in (b"{", b"["):  # "[" too, so a JSON array is told it must be an object
-        data, frame_id, captured_at, meta = _parse_envelope(payload, max_payload_bytes)
+        data, frame_id, captured_at, meta = _parse_envelope(payload)
     image = decode_image(data, max_pixels)
     return Frame(
         device_id=device_id,
@@ -109,7 +109,7 @@ def decode_payload(
     )
 
 
-def _parse_envelope(payload: bytes, max_payload_bytes: int) -> tuple[bytes, str | None, float | None, dict]:
+def _parse_envelope(payload: bytes) -> tuple[bytes, str | None, float | None, dict]:
     try:
         doc = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -125,11 +125,6 @@ def _parse_envelope(payload: bytes, max_payload_bytes: int) -> tuple[bytes, str 
         data = base64.b64decode(image, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise FrameError("bad_base64", f"'image' is not valid base64: {exc}") from None
-    if len(data) > max_payload_bytes:
-        raise FrameError(
-            "payload_too_large",
-            f"decoded image is {fmt_bytes(len(data))}, limit is {fmt_bytes(max_payload_bytes)} (pipeline.max_payload_bytes)",
-        )
     frame_id = doc.pop("frame_id", None)
     if frame_id is not None and (isinstance(frame_id, bool) or not isinstance(frame_id, (str, int))):
         raise FrameError("bad_field", f"'frame_id' must be a string, got {type(frame_id).__name__}")

@@ -7,6 +7,7 @@ and return; subscriptions are made in ``on_connect`` so a reconnect renews them.
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +41,23 @@ def device_id_for(topic: str, filters: list[str]) -> str:
     raise FrameError("unknown_topic", f"topic {topic!r} matches none of the frame filters {filters}")
 
 
+def configure_tls(client: mqtt.Client, tls) -> None:
+    """Apply the ``mqtt.tls`` settings; a missing or unreadable file is a ValueError naming the key."""
+    for key in ("ca_certs", "certfile", "keyfile"):
+        path = getattr(tls, key)
+        if path is not None and not path.is_file():
+            raise ValueError(f"mqtt.tls.{key}: {path} does not exist")
+    try:
+        client.tls_set(
+            ca_certs=str(tls.ca_certs) if tls.ca_certs else None,
+            certfile=str(tls.certfile) if tls.certfile else None,
+            keyfile=str(tls.keyfile) if tls.keyfile else None,
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"mqtt.tls: the certificate files could not be used: {exc}") from None
+    client.tls_insecure_set(tls.insecure)
+
+
 class MqttLink:
     """One client: frames in, events, errors and status out."""
 
@@ -58,12 +76,7 @@ class MqttLink:
         if mq.username:
             self.client.username_pw_set(mq.username, mq.password.get_secret_value() or None)
         if mq.tls.enabled:
-            self.client.tls_set(
-                ca_certs=str(mq.tls.ca_certs) if mq.tls.ca_certs else None,
-                certfile=str(mq.tls.certfile) if mq.tls.certfile else None,
-                keyfile=str(mq.tls.keyfile) if mq.tls.keyfile else None,
-            )
-            self.client.tls_insecure_set(mq.tls.insecure)
+            configure_tls(self.client, mq.tls)
         self.client.reconnect_delay_set(min_delay=max(1, round(mq.reconnect_min_s)), max_delay=max(1, round(mq.reconnect_max_s)))
         # Events published while the broker is away wait here; bounded so a long outage cannot exhaust memory.
         self.client.max_queued_messages_set(1000)

@@ -301,3 +301,11 @@ def test_embedded_broker_serves_mqtt_311_clients(worker_env, tmp_path, face_fram
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_tls_with_a_missing_ca_file_stops_start_naming_the_key(worker_env, tmp_path):
+    env = {**worker_env, "EMOTION_MQTT__TLS__ENABLED": "true", "EMOTION_MQTT__TLS__CA_CERTS": str(tmp_path / "ca.pem")}
+    out = subprocess.run([sys.executable, "-m", "worker.cli", "run"], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2
+    assert "mqtt.tls.ca_certs" in out.stderr and "ca.pem" in out.stderr
