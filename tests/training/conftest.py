@@ -23,7 +23,7 @@ TINY_FIT = ["--limit", "300", "--epochs", "1", "--width", "0.125", "--device", "
 def fer_images(split: str, name: str, n: int, skip: int = 0) -> list[Path]:
     """The first ``n`` (after ``skip``) FER2013 images of class ``name`` in ``split``, by file name."""
     paths = sorted((FER / split / name).glob("*.jpg"))[skip : skip + n]
-    assert len(paths) == n, f"FER2013 is expected in {FER} (set FER2013_DIR), found {len(paths)} {split}/{name} images"
+    assert len(paths) == n, f"expected {n} images in {FER / split / name}, found {len(paths)}"
     return paths
 
 

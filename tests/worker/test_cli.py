@@ -9,7 +9,7 @@ import sys
 import cv2
 import jsonschema
 
-from tests.conftest import REPO, start_worker
+from tests.conftest import FER, REPO, start_worker
 from worker.events import EVENT_SCHEMA, load_schema
 
 
@@ -39,7 +39,7 @@ def test_classify_prints_one_json_line_per_image(worker_env, tmp_path, face_fram
 
     # --detector none: the image is the face crop itself.
     crop = tmp_path / "crop.jpg"
-    cv2.imwrite(str(crop), cv2.imread(str(next((REPO.parent / "shared/data/fer2013/val/sad").glob("*.jpg")))))
+    cv2.imwrite(str(crop), cv2.imread(str(next((FER / "val" / "sad").glob("*.jpg")))))
     out = cli("classify", "--json", "--detector", "none", str(crop), env=worker_env)
     line = json.loads(out.stdout)
     assert out.returncode == 0 and line["faces"][0]["box"] == [0, 0, 48, 48]
