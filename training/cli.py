@@ -14,7 +14,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fit", help="train a ResNet9 on FER2013")
-    p.add_argument("--data", required=True, type=Path, help="folder with train/ and val/, or fer2013.csv")
+    p.add_argument("--data", required=True, type=Path,
+                   help="folder with train/ and val/, fer2013.csv, or a .npz from `emotion-train pack`")
     p.add_argument("--out", required=True, type=Path, help="output folder (checkpoints, metrics, plots)")
     p.add_argument("--recipe", choices=["seed", "best"], default="best")
     p.add_argument("--epochs", type=int, help="number of epochs (default: the recipe's)")
@@ -37,12 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", required=True, type=Path, help="output folder of a fit run (or a checkpoint file)")
     p.add_argument("--to", type=Path, help="destination (default: worker/weights/resnet9.safetensors)")
 
+    p = sub.add_parser("pack", help="write train/ and val/ into one compressed .npz, to carry to a GPU machine")
+    p.add_argument("--data", required=True, type=Path, help="folder with train/ and val/, or fer2013.csv")
+    p.add_argument("--out", required=True, type=Path, help="the .npz to write")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "fit":
             return _fit(args)
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "pack":
+            return _pack(args)
         return _export(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"emotion-train {args.command}: {exc}", file=sys.stderr)
@@ -83,6 +90,14 @@ def _evaluate(args) -> int:
     print(" " * (width + 1) + " ".join(f"{c[:5]:>5s}" for c in info.classes))
     for name, row in zip(info.classes, result["confusion"]):
         print(f"{name:>{width}s} " + " ".join(f"{v:5d}" for v in row))
+    return 0
+
+
+def _pack(args) -> int:
+    from training.data import pack
+
+    path = pack(args.data, args.out)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 

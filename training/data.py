@@ -58,13 +58,15 @@ def load_split(data: str | Path, split: str, classes: tuple[str, ...] = CLASSES)
 
     ``data`` is either a directory holding ``<split>/<class>/*.jpg``, a directory
     holding ``<class>/*.jpg`` directly (then ``split`` is ignored), a directory
-    holding ``fer2013.csv``, or the CSV file itself.
+    holding ``fer2013.csv``, the CSV file itself, or a ``.npz`` written by :func:`pack`.
     """
     data = Path(data)
     if not data.exists():
         raise DataError(f"data path {data} does not exist")
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}, expected one of {sorted(SPLITS)}")
+    if data.is_file() and data.suffix == ".npz":
+        return _load_npz(data, split, classes)
     if data.is_file():
         return _load_csv(data, split, classes)
     if (data / split).is_dir():
@@ -76,26 +78,36 @@ def load_split(data: str | Path, split: str, classes: tuple[str, ...] = CLASSES)
     raise DataError(f"{data} has no '{split}/' folder, no class folders and no fer2013.csv")
 
 
-def _load_folder(root: Path, classes: tuple[str, ...]) -> Split:
+def _folder_files(root: Path, classes: tuple[str, ...]) -> list[tuple[Path, int]]:
+    """(image path, label index in ``classes``) for each image under ``root/<class>/``."""
     folders = sorted(p for p in root.iterdir() if p.is_dir())
     unknown = [p.name for p in folders if p.name.lower() not in classes]
     if unknown:
         raise DataError(f"{root}: class folders {unknown} are not among the model's classes {list(classes)}")
-    images, labels = [], []
-    for folder in folders:
-        label = classes.index(folder.name.lower())
-        for path in sorted(folder.iterdir()):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-            if img is None:
-                raise DataError(f"{path}: not a readable image")
-            if img.shape != (INPUT_SIZE, INPUT_SIZE):
-                img = cv2.resize(img, (INPUT_SIZE, INPUT_SIZE), interpolation=cv2.INTER_AREA)
-            images.append(img)
-            labels.append(label)
-    if not images:
+    files = [
+        (path, classes.index(folder.name.lower()))
+        for folder in folders
+        for path in sorted(folder.iterdir())
+        if path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not files:
         raise DataError(f"{root}: no images found in its class folders")
+    return files
+
+
+def _decode(data: bytes | np.ndarray, where: object) -> np.ndarray:
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        raise DataError(f"{where}: not a readable image")
+    if img.shape != (INPUT_SIZE, INPUT_SIZE):
+        img = cv2.resize(img, (INPUT_SIZE, INPUT_SIZE), interpolation=cv2.INTER_AREA)
+    return img
+
+
+def _load_folder(root: Path, classes: tuple[str, ...]) -> Split:
+    files = _folder_files(root, classes)
+    images = [_decode(path.read_bytes(), path) for path, _ in files]
+    labels = [label for _, label in files]
     return Split(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64), classes, str(root))
 
 
@@ -123,3 +135,45 @@ def _load_csv(path: Path, split: str, classes: tuple[str, ...]) -> Split:
     if not images:
         raise DataError(f"{path}: no rows with Usage {usage!r}")
     return Split(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64), classes, str(path))
+
+
+def pack(data: str | Path, out: str | Path, splits: tuple[str, ...] = ("train", "val")) -> Path:
+    """Write ``splits`` of ``data`` into one ``.npz``: encoded images, their offsets, labels, class names.
+
+    Images from folders keep their own file bytes (60 MB for FER2013 train and
+    val, less than any lossless packing of the pixels); images from the CSV are
+    stored as PNG. Small enough to carry to a GPU machine along with the code.
+    """
+    data, out = Path(data), Path(out)
+    arrays: dict[str, np.ndarray] = {"classes": np.array(CLASSES)}
+    for split in splits:
+        if data.is_dir() and (data / split).is_dir():
+            files = _folder_files(data / split, CLASSES)
+            blobs = [path.read_bytes() for path, _ in files]
+            labels = [label for _, label in files]
+        else:
+            s = load_split(data, split)
+            blobs = [cv2.imencode(".png", img)[1].tobytes() for img in s.images.numpy()]
+            labels = s.labels.tolist()
+        arrays[f"{split}_bytes"] = np.frombuffer(b"".join(blobs), np.uint8)
+        arrays[f"{split}_offsets"] = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
+        arrays[f"{split}_labels"] = np.array(labels, np.uint8)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, **arrays)
+    return out
+
+
+def _load_npz(path: Path, split: str, classes: tuple[str, ...]) -> Split:
+    with np.load(path, allow_pickle=False) as z:
+        if f"{split}_bytes" not in z:
+            held = sorted(k[: -len("_bytes")] for k in z if k.endswith("_bytes"))
+            raise DataError(f"{path}: has no '{split}' split (it holds {held})")
+        stored = [str(c) for c in z["classes"]]
+        blob, offsets = z[f"{split}_bytes"], z[f"{split}_offsets"]
+        labels = z[f"{split}_labels"].astype(np.int64)
+    unknown = [c for c in stored if c not in classes and (labels == stored.index(c)).any()]
+    if unknown:
+        raise DataError(f"{path}: classes {unknown} are not among the model's classes {list(classes)}")
+    images = [_decode(blob[a:b], f"{path} {split} image {i}") for i, (a, b) in enumerate(zip(offsets[:-1], offsets[1:]))]
+    remap = np.array([classes.index(c) if c in classes else -1 for c in stored])
+    return Split(torch.from_numpy(np.stack(images)), torch.from_numpy(remap[labels]), classes, str(path))
