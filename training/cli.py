@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from the training state in --out")
     p.add_argument("--limit", type=int, help="train on a stratified subset of this many images")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
+    p.add_argument("--init", type=Path, help="start from this checkpoint's weights (a warm restart)")
 
     p = sub.add_parser("evaluate", help="score a checkpoint on a labelled folder or CSV")
     p.add_argument("--weights", type=Path, help="checkpoint (default: the bundled model)")
@@ -62,8 +64,10 @@ def _fit(args) -> int:
     recipe = RECIPES[args.recipe]
     if args.epochs:
         recipe = replace(recipe, epochs=args.epochs)
+    if args.lr:
+        recipe = replace(recipe, lr=args.lr)
     fit(args.data, args.out, recipe, width=args.width, device=args.device, resume=args.resume,
-        limit=args.limit, seed=args.seed)
+        limit=args.limit, seed=args.seed, init=args.init)
     return 0
 
 

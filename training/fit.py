@@ -125,6 +125,19 @@ def quiet_init(model: ResNet9) -> None:
     torch.nn.init.zeros_(model.classifier[-1].bias)
 
 
+def start_from(model: ResNet9, path: str | Path) -> None:
+    """Copy the weights of the checkpoint at ``path`` into ``model``; width and classes must match."""
+    from worker.model import CheckpointError, load_checkpoint
+
+    src, info = load_checkpoint(path)
+    if info.width != model.width or tuple(info.classes) != CLASSES:
+        raise CheckpointError(
+            f"{path}: --init needs a checkpoint of width {model.width} with classes {list(CLASSES)}, "
+            f"it has width {info.width} and classes {list(info.classes)}"
+        )
+    model.load_state_dict(src.state_dict())
+
+
 def make_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
     if recipe.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -165,10 +178,13 @@ def fit(
     resume: bool = False,
     limit: int | None = None,
     seed: int = 0,
+    init: str | Path | None = None,
 ) -> dict:
     """Train, writing the training state, ``best.safetensors``, ``metrics.json`` and plots into ``out``.
 
     ``limit`` trains on a stratified subset of that many images (for smoke tests).
+    ``init`` starts from the weights of that checkpoint instead of from scratch
+    (a second, warm-restarted schedule on a finished run).
     Returns the metrics written to ``metrics.json``.
     """
     out = Path(out)
@@ -184,7 +200,9 @@ def fit(
 
     torch.manual_seed(seed)
     model = ResNet9(len(CLASSES), width)
-    if recipe.quiet_init:
+    if init is not None:
+        start_from(model, init)
+    elif recipe.quiet_init:
         quiet_init(model)
     model = model.to(dev, memory_format=torch.channels_last)
     ema = copy.deepcopy(model).eval() if recipe.ema_decay else None
@@ -265,7 +283,7 @@ def fit(
         history.append(row)
         if chosen > best_acc:
             best_acc = chosen
-            save_checkpoint(kept, _best_info(info, recipe, row, len(train), data, dev), out / BEST_FILE)
+            save_checkpoint(kept, _best_info(info, recipe, row, len(train), data, dev, init), out / BEST_FILE)
         save_state(state_path, model, ema, opt, gen, recipe, width, epoch + 1, history, best_acc, train_seconds)
         print(
             f"epoch {epoch + 1:3d}/{recipe.epochs} loss {row['loss']:.4f} train {row['train_acc']:.4f} "
@@ -277,7 +295,8 @@ def fit(
     return finish(out, recipe, width, dev, amp, history, train_seconds, val, data, len(train))
 
 
-def _best_info(info: ModelInfo, recipe: Recipe, row: dict, n_train: int, data, dev) -> ModelInfo:
+def _best_info(info: ModelInfo, recipe: Recipe, row: dict, n_train: int, data, dev, init=None) -> ModelInfo:
+    extra = {"init": str(init)} if init is not None else {}
     return replace(
         info,
         version=datetime.now(timezone.utc).strftime("%Y.%m.%d"),
@@ -293,6 +312,7 @@ def _best_info(info: ModelInfo, recipe: Recipe, row: dict, n_train: int, data, d
             "data_split": "trained on train/, selected on val/ (PublicTest)",
             "device": str(dev),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **extra,
         },
     )
 
@@ -321,6 +341,7 @@ def finish(out: Path, recipe, width, dev, amp, history, train_seconds, val: Spli
         "val": {tta: {k: r[k] for k in ("accuracy", "per_class", "n")} for tta, r in results.items()},
         "val_confusion": results["none"]["confusion"],
         "classes": list(info.classes),
+        "init": info.extra.get("init"),
         "data": str(data),
         "history": history,
     }

@@ -14,7 +14,7 @@ from worker.model import CLASSES, load_checkpoint
 
 METRICS_KEYS = {
     "recipe", "hyperparameters", "width", "epochs", "best_epoch", "device", "host", "threads", "precision",
-    "train_images", "train_seconds", "images_per_s", "val", "val_confusion", "classes", "data", "history",
+    "train_images", "train_seconds", "images_per_s", "val", "val_confusion", "classes", "init", "data", "history",
 }
 HISTORY_KEYS = {"epoch", "loss", "train_acc", "val_acc", "val_acc_tta", "lr", "images_per_s", "seconds"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -135,3 +135,28 @@ def test_resume_refuses_a_state_written_with_another_width(best_run, small_fer, 
     # The same recipe and width resume: the one epoch is already done, so it only finishes.
     assert main(args) == 0
     assert json.loads((out / "metrics.json").read_text())["history"][0]["epoch"] == 1
+
+
+def test_init_starts_from_a_checkpoint_and_records_it(seed_run, small_fer, tmp_path):
+    import torch
+
+    from training.fit import start_from
+    from worker.model import CheckpointError, ResNet9
+
+    source, _ = load_checkpoint(seed_run / "best.safetensors")
+    model = ResNet9(width=0.125)
+    start_from(model, seed_run / "best.safetensors")
+    for (name, a), b in zip(model.state_dict().items(), source.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(CheckpointError, match="--init needs a checkpoint of width 0.25"):
+        start_from(ResNet9(width=0.25), seed_run / "best.safetensors")
+
+    out = tmp_path / "warm"
+    args = ["fit", "--data", str(small_fer), "--out", str(out), "--recipe", "best", "--lr", "0.01",
+            "--init", str(seed_run / "best.safetensors"), *TINY_FIT]
+    assert main(args) == 0
+    _, info = load_checkpoint(out / "best.safetensors")
+    assert info.extra["init"] == str(seed_run / "best.safetensors")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["init"] == str(seed_run / "best.safetensors")
+    assert metrics["hyperparameters"]["lr"] == 0.01
