@@ -94,7 +94,6 @@ class Classifier:
                 "or point model.weights (EMOTION_MODEL__WEIGHTS) at a checkpoint"
             )
         self.model, self.info = load_checkpoint(self.path, self.device)
-        self.model = self.model.to(memory_format=torch.channels_last)
         self.amp = self._precision(settings.precision)
         self.tta = settings.tta
         self.predict(torch.zeros(2, 1, self.info.input_size, self.info.input_size, dtype=torch.uint8))

@@ -66,6 +66,9 @@ def test_save_load_round_trip_is_exact(tmp_path, batch):
     assert loaded_info.extra == {"val_accuracy": "0.71", "split": "fer2013"}
     for key, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], tensor), key
+    # Loaded in channels_last, the layout the worker runs in; in the same layout the outputs are the same bit for bit.
+    assert loaded.conv2[0].weight.is_contiguous(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)
     with torch.no_grad():
         expected, got = model(batch), loaded(batch)
         assert torch.equal(got, loaded(batch))  # deterministic in eval mode
@@ -100,6 +103,7 @@ def test_other_class_count_round_trips(tmp_path, batch):
     model = trained_like(num_classes=3)
     path = save_checkpoint(model, ModelInfo(width=TINY, classes=("neg", "neu", "pos")), tmp_path / "m.safetensors")
     loaded, info = load_checkpoint(path)
+    model = model.to(memory_format=torch.channels_last)
     with torch.no_grad():
         assert loaded(batch).shape == (5, 3)
         assert torch.equal(loaded(batch), model(batch))
