@@ -30,7 +30,8 @@ class Worker:
         info = classifier.info
         log.info("model loaded", path=str(classifier.path), name=info.name, version=info.version,
                  width=info.width, device=str(classifier.device), precision=classifier.precision, tta=classifier.tta,
-                 val_acc=info.extra.get("val_acc"), val_acc_tta=info.extra.get("val_acc_tta"))
+                 # Accuracy on FER2013 val/ as recorded at export, with the TTA this worker uses.
+                 val_acc=info.extra.get("val_acc" if classifier.tta == "none" else f"val_acc_{classifier.tta}"))
         # 2. The face detector.
         detector = FaceDetector(s.detector)
         log.info("face detector ready", kind=s.detector.kind, detect_width=s.detector.detect_width)

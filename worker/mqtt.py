@@ -145,5 +145,8 @@ class MqttLink:
             deadline = time.monotonic() + timeout
             while not info.is_published() and time.monotonic() < deadline:
                 time.sleep(0.02)
+        # paho's network thread can run one more loop after the socket is closed and log
+        # "Client is not connected" as an error; nothing is lost at this point.
+        self.client.disable_logger()
         self.client.disconnect()
         self.client.loop_stop()
