@@ -51,6 +51,7 @@ def export(run: Path, to: Path | None = None) -> Path:
     else:
         raise CheckpointError(f"{run} does not exist")
     model, info = load_checkpoint(source)
+    info = _with_lineage(info)
     metrics = _read_metrics(source.parent / METRICS_FILE, info) if source.name == BEST_FILE else None
     info = exported_info(info, metrics)
 
@@ -108,6 +109,16 @@ def exported_info(info: ModelInfo, metrics: dict | None, now: datetime | None = 
     recipe = extra.get("recipe", "unknown")
     version = f"{now:%Y.%m.%d}-{recipe}-w{info.width:g}"
     return replace(info, version=version, extra=extra)
+
+
+def _with_lineage(info: ModelInfo) -> ModelInfo:
+    """Add what a warm restart started from, for checkpoints that name their ``init`` path only."""
+    from training.fit import lineage
+
+    init = info.extra.get("init")
+    if not init or "init_version" in info.extra or not Path(init).is_file():
+        return info
+    return replace(info, extra={**info.extra, **lineage(load_checkpoint(init)[1])})
 
 
 def _read_metrics(path: Path, info: ModelInfo) -> dict | None:

@@ -125,8 +125,11 @@ def quiet_init(model: ResNet9) -> None:
     torch.nn.init.zeros_(model.classifier[-1].bias)
 
 
-def start_from(model: ResNet9, path: str | Path) -> None:
-    """Copy the weights of the checkpoint at ``path`` into ``model``; width and classes must match."""
+def start_from(model: ResNet9, path: str | Path) -> ModelInfo:
+    """Copy the weights of the checkpoint at ``path`` into ``model`` and return its metadata.
+
+    Width and classes must match, else :class:`CheckpointError` names both.
+    """
     from worker.model import CheckpointError, load_checkpoint
 
     src, info = load_checkpoint(path)
@@ -136,6 +139,25 @@ def start_from(model: ResNet9, path: str | Path) -> None:
             f"it has width {info.width} and classes {list(info.classes)}"
         )
     model.load_state_dict(src.state_dict())
+    return info
+
+
+def lineage(init: ModelInfo) -> dict[str, str]:
+    """What a warm restart started from, as checkpoint metadata (all strings).
+
+    ``init_version`` names the starting model; ``init_epochs`` and
+    ``init_train_minutes`` count the training behind its weights, its own
+    starting point included, so a chain of restarts adds up. Minutes are
+    left out when the starting checkpoint does not record them (a ``best.safetensors``
+    straight out of ``fit``, before ``export``).
+    """
+    extra = init.extra
+    epochs = int(extra.get("best_epoch") or extra.get("epoch") or 0) + int(extra.get("init_epochs") or 0)
+    out = {"init_version": init.version, "init_epochs": str(epochs)}
+    if "train_minutes" in extra:
+        minutes = float(extra["train_minutes"]) + float(extra.get("init_train_minutes") or 0)
+        out["init_train_minutes"] = f"{minutes:.1f}"
+    return out
 
 
 def make_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -200,9 +222,8 @@ def fit(
 
     torch.manual_seed(seed)
     model = ResNet9(len(CLASSES), width)
-    if init is not None:
-        start_from(model, init)
-    elif recipe.quiet_init:
+    init_info = start_from(model, init) if init is not None else None
+    if init_info is None and recipe.quiet_init:
         quiet_init(model)
     model = model.to(dev, memory_format=torch.channels_last)
     ema = copy.deepcopy(model).eval() if recipe.ema_decay else None
@@ -283,7 +304,8 @@ def fit(
         history.append(row)
         if chosen > best_acc:
             best_acc = chosen
-            save_checkpoint(kept, _best_info(info, recipe, row, len(train), data, dev, init), out / BEST_FILE)
+            best_info = _best_info(info, recipe, row, len(train), data, dev, init, init_info)
+            save_checkpoint(kept, best_info, out / BEST_FILE)
         save_state(state_path, model, ema, opt, gen, recipe, width, epoch + 1, history, best_acc, train_seconds)
         print(
             f"epoch {epoch + 1:3d}/{recipe.epochs} loss {row['loss']:.4f} train {row['train_acc']:.4f} "
@@ -295,8 +317,10 @@ def fit(
     return finish(out, recipe, width, dev, amp, history, train_seconds, val, data, len(train))
 
 
-def _best_info(info: ModelInfo, recipe: Recipe, row: dict, n_train: int, data, dev, init=None) -> ModelInfo:
-    extra = {"init": str(init)} if init is not None else {}
+def _best_info(
+    info: ModelInfo, recipe: Recipe, row: dict, n_train: int, data, dev, init=None, init_info=None
+) -> ModelInfo:
+    extra = {"init": str(init), **lineage(init_info)} if init_info is not None else {}
     return replace(
         info,
         version=datetime.now(timezone.utc).strftime("%Y.%m.%d"),
@@ -342,6 +366,7 @@ def finish(out: Path, recipe, width, dev, amp, history, train_seconds, val: Spli
         "val_confusion": results["none"]["confusion"],
         "classes": list(info.classes),
         "init": info.extra.get("init"),
+        **{k: info.extra[k] for k in ("init_version", "init_epochs", "init_train_minutes") if k in info.extra},
         "data": str(data),
         "history": history,
     }

@@ -89,6 +89,24 @@ def test_export_of_a_checkpoint_file_without_metrics(tmp_path):
     assert info.version.endswith("-seed-w0.25")
 
 
+def test_export_records_what_a_warm_restart_started_from(seed_run, tmp_path):
+    # A checkpoint that names only the path of its starting point (as fit wrote them
+    # before it recorded the lineage itself): export reads the lineage from that file.
+    start = export(seed_run, tmp_path / "start.safetensors")
+    start_info = load_checkpoint(start)[1]
+    model, info = load_checkpoint(seed_run / "best.safetensors")
+    save_checkpoint(model, ModelInfo(width=info.width, extra={"recipe": "seed", "init": str(start)}),
+                    tmp_path / "warm.safetensors")
+    extra = load_checkpoint(export(tmp_path / "warm.safetensors", tmp_path / "out.safetensors"))[1].extra
+    assert extra["init_version"] == start_info.version
+    assert extra["init_epochs"] == start_info.extra["best_epoch"]
+    assert extra["init_train_minutes"] == start_info.extra["train_minutes"]
+    # Once the starting file is gone, the path stays and nothing is made up.
+    start.unlink()
+    extra = load_checkpoint(export(tmp_path / "warm.safetensors", tmp_path / "out.safetensors"))[1].extra
+    assert extra["init"] == str(start) and "init_version" not in extra
+
+
 def test_cli_export_writes_the_bundled_model_by_default(best_run, tmp_path, monkeypatch, capsys):
     bundled = tmp_path / "weights" / "resnet9.safetensors"
     monkeypatch.setattr(training.export, "BUNDLED_WEIGHTS", bundled)

@@ -156,7 +156,27 @@ def test_init_starts_from_a_checkpoint_and_records_it(seed_run, small_fer, tmp_p
             "--init", str(seed_run / "best.safetensors"), *TINY_FIT]
     assert main(args) == 0
     _, info = load_checkpoint(out / "best.safetensors")
+    _, source_info = load_checkpoint(seed_run / "best.safetensors")
     assert info.extra["init"] == str(seed_run / "best.safetensors")
+    # The lineage: which model it started from and the epochs behind those weights.
+    assert info.extra["init_version"] == source_info.version
+    assert info.extra["init_epochs"] == source_info.extra["epoch"]
+    assert "init_train_minutes" not in info.extra  # a raw fit checkpoint does not record its minutes
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["init"] == str(seed_run / "best.safetensors")
+    assert metrics["init_epochs"] == source_info.extra["epoch"]
     assert metrics["hyperparameters"]["lr"] == 0.01
+
+
+def test_lineage_adds_up_over_a_chain_of_warm_restarts():
+    from training.fit import lineage
+    from worker.model import ModelInfo
+
+    first = ModelInfo(width=0.5, version="2026.11.28-best-w0.5",
+                      extra={"best_epoch": "67", "epochs": "70", "train_minutes": "196.6"})
+    assert lineage(first) == {"init_version": "2026.11.28-best-w0.5", "init_epochs": "67",
+                              "init_train_minutes": "196.6"}
+    second = ModelInfo(width=0.5, version="2026.11.29-best-w0.5",
+                       extra={"best_epoch": "20", "epochs": "22", "train_minutes": "110.0", **lineage(first)})
+    assert lineage(second) == {"init_version": "2026.11.29-best-w0.5", "init_epochs": "87",
+                               "init_train_minutes": "306.6"}
