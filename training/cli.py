@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", required=True, type=Path, help="output folder of a fit run (or a checkpoint file)")
     p.add_argument("--to", type=Path, help="destination (default: worker/weights/resnet9.safetensors)")
 
-    p = sub.add_parser("pack", help="write train/ and val/ into one compressed .npz, to carry to a GPU machine")
+    p = sub.add_parser("pack", help="write train/ and val/ into one .npz, to carry to a GPU machine")
     p.add_argument("--data", required=True, type=Path, help="folder with train/ and val/, or fer2013.csv")
     p.add_argument("--out", required=True, type=Path, help="the .npz to write")
 

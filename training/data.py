@@ -7,6 +7,7 @@ the class list the caller asks for (by default ``worker.model.CLASSES``).
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,9 +141,12 @@ def _load_csv(path: Path, split: str, classes: tuple[str, ...]) -> Split:
 def pack(data: str | Path, out: str | Path, splits: tuple[str, ...] = ("train", "val")) -> Path:
     """Write ``splits`` of ``data`` into one ``.npz``: encoded images, their offsets, labels, class names.
 
-    Images from folders keep their own file bytes (60 MB for FER2013 train and
-    val, less than any lossless packing of the pixels); images from the CSV are
-    stored as PNG. Small enough to carry to a GPU machine along with the code.
+    Images from folders keep their own file bytes, less than any lossless
+    packing of the pixels; images from the CSV are stored as PNG. The bytes
+    that every image of a split begins with (the JPEG headers and tables of one
+    encoder, 328 bytes an image in FER2013) are stored once, which brings
+    FER2013 train and val from 60 MB to 50 MB: small enough to carry to a GPU
+    machine along with the code.
     """
     data, out = Path(data), Path(out)
     arrays: dict[str, np.ndarray] = {"classes": np.array(CLASSES)}
@@ -155,6 +159,9 @@ def pack(data: str | Path, out: str | Path, splits: tuple[str, ...] = ("train", 
             s = load_split(data, split)
             blobs = [cv2.imencode(".png", img)[1].tobytes() for img in s.images.numpy()]
             labels = s.labels.tolist()
+        prefix = os.path.commonprefix(blobs) if blobs else b""
+        blobs = [b[len(prefix):] for b in blobs]
+        arrays[f"{split}_prefix"] = np.frombuffer(prefix, np.uint8)
         arrays[f"{split}_bytes"] = np.frombuffer(b"".join(blobs), np.uint8)
         arrays[f"{split}_offsets"] = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
         arrays[f"{split}_labels"] = np.array(labels, np.uint8)
@@ -170,10 +177,11 @@ def _load_npz(path: Path, split: str, classes: tuple[str, ...]) -> Split:
             raise DataError(f"{path}: has no '{split}' split (it holds {held})")
         stored = [str(c) for c in z["classes"]]
         blob, offsets = z[f"{split}_bytes"], z[f"{split}_offsets"]
+        prefix = z[f"{split}_prefix"].tobytes() if f"{split}_prefix" in z else b""
         labels = z[f"{split}_labels"].astype(np.int64)
     unknown = [c for c in stored if c not in classes and (labels == stored.index(c)).any()]
     if unknown:
         raise DataError(f"{path}: classes {unknown} are not among the model's classes {list(classes)}")
-    images = [_decode(blob[a:b], f"{path} {split} image {i}") for i, (a, b) in enumerate(zip(offsets[:-1], offsets[1:]))]
+    images = [_decode(prefix + blob[a:b].tobytes(), f"{path} {split} image {i}") for i, (a, b) in enumerate(zip(offsets[:-1], offsets[1:]))]
     remap = np.array([classes.index(c) if c in classes else -1 for c in stored])
     return Split(torch.from_numpy(np.stack(images)), torch.from_numpy(remap[labels]), classes, str(path))
