@@ -84,6 +84,18 @@ def test_read_info_reads_only_the_metadata(tmp_path):
     assert info.classes == ("a", "b", "c") and info.mean == 0.4 and info.std == 0.2 and info.width == TINY
 
 
+def test_a_saved_model_is_readable_by_other_users_under_the_usual_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(trained_like(), ModelInfo(width=TINY), tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
 def test_metadata_round_trip():
     info = ModelInfo(classes=("x", "y"), width=0.5, mean=0.3, std=0.1, name="n", version="v", extra={"k": "v"})
     meta = info.to_metadata()
