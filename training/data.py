@@ -145,7 +145,7 @@ def pack(data: str | Path, out: str | Path, splits: tuple[str, ...] = ("train", 
     packing of the pixels; images from the CSV are stored as PNG. The bytes
     that every image of a split begins with (the JPEG headers and tables of one
     encoder, 328 bytes an image in FER2013) are stored once, which brings
-    FER2013 train and val from 60 MB to 50 MB: small enough to carry to a GPU
+    FER2013 train and val from 60 MB to 49 MB: small enough to carry to a GPU
     machine along with the code.
     """
     data, out = Path(data), Path(out)

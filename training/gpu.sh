@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains the full-width models on a CUDA machine in one go and leaves each run
-# (checkpoints, metrics.json, curves, confusion matrix, ten-crop evaluation and
-# the log) under $OUT. Needs only python3 with torch, numpy, opencv,
+# (checkpoints, metrics.json with the val/ accuracy without TTA, with flip and
+# with ten-crop, curves, confusion matrix and the log) under $OUT. Needs only python3 with torch, numpy, opencv,
 # safetensors, matplotlib and tqdm: it runs from the source tree, uninstalled.
 #
 #   emotion-train pack --data ../shared/data/fer2013 --out fer2013.npz   # 49 MB, on any machine
@@ -40,8 +40,6 @@ train() {  # recipe epochs
     "$py" -m training.cli fit --data "$data" --out "$run" --recipe "$1" --width "$width" \
         --epochs "$2" --device "$device" "${limit[@]}" 2>&1 | tee "$run.log"
     echo "$1: $((SECONDS - start)) s" | tee -a "$out/device.txt"
-    "$py" -m training.cli evaluate --weights "$run/best.safetensors" --data "$data" --tta tencrop \
-        --device "$device" --json > "$run/tencrop.json"
 }
 
 train best "$best_epochs"
