@@ -161,7 +161,7 @@ def main() -> None:
     ap.add_argument("--fps", type=float, nargs="+", default=[100.0, 5.0],
                     help="offered frame rates: a high one measures capacity (frames beyond it are shed), "
                          "a low one latency")
-    ap.add_argument("--tta", choices=["none", "flip", "tencrop"], default="none")
+    ap.add_argument("--tta", choices=["none", "flip", "tencrop"], default="flip", help="default: the worker's default")
     ap.add_argument("--threads", type=int, default=2, help="pipeline threads (decode and detect)")
     args = ap.parse_args()
     setup_logging("warning", "console")

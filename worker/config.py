@@ -99,7 +99,9 @@ class Model(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on a CPU that has it, bf16 or fp16 on CUDA, else fp32."
     )
-    tta: Literal["none", "flip", "tencrop"] = Field("none", description="Test-time augmentation per face.")
+    tta: Literal["none", "flip", "tencrop"] = Field(
+        "flip", description="Test-time augmentation per face: flip averages the face and its mirror image."
+    )
     batch_size: int = Field(32, ge=1, le=1024, description="Most faces classified in one batch.")
     max_wait_ms: float = Field(5.0, ge=0, le=1000, description="Longest wait for more faces to fill a batch, in ms.")
     threads: int = Field(0, ge=0, description="CPU threads for the network; 0 leaves PyTorch's default.")

@@ -45,7 +45,7 @@ def test_defaults():
     assert s.mqtt.tls.enabled is False
     assert s.topics.frames == ["emotion/frames/+"] and s.topics.events == "emotion/events"
     assert s.broker.embedded is False
-    assert s.model.weights is None and s.model.tta == "none" and s.model.batch_size == 32
+    assert s.model.weights is None and s.model.tta == "flip" and s.model.batch_size == 32
     assert s.detector.kind == "haar" and s.detector.detect_width == 320 and s.detector.max_faces == 8
     assert s.pipeline.max_payload_bytes == 4_000_000 and s.pipeline.max_pixels == 16_000_000
     assert s.log.level == "info"
