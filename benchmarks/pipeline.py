@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from worker.app import Worker  # noqa: E402
-from worker.classify import Classifier  # noqa: E402
-from worker.config import load_settings  # noqa: E402
+from worker.classify import TTA_MODES, Classifier  # noqa: E402
+from worker.config import Model, load_settings  # noqa: E402
 from worker.faces import FaceDetector, crop_faces  # noqa: E402
 from worker.frames import decode_payload, encode_jpeg  # noqa: E402
 from worker.log import setup_logging  # noqa: E402
@@ -161,7 +161,8 @@ def main() -> None:
     ap.add_argument("--fps", type=float, nargs="+", default=[100.0, 5.0],
                     help="offered frame rates: a high one measures capacity (frames beyond it are shed), "
                          "a low one latency")
-    ap.add_argument("--tta", choices=["none", "flip", "tencrop"], default="flip", help="default: the worker's default")
+    ap.add_argument("--tta", choices=TTA_MODES, default=Model.model_fields["tta"].default,
+                    help="test-time augmentation (default: the worker's, %(default)s)")
     ap.add_argument("--threads", type=int, default=2, help="pipeline threads (decode and detect)")
     args = ap.parse_args()
     setup_logging("warning", "console")

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Trains the full-width models on a CUDA machine in one go and leaves each run
 # (checkpoints, metrics.json with the val/ accuracy without TTA, with flip and
-# with ten-crop, curves, confusion matrix and the log) under $OUT. Needs only python3 with torch, numpy, opencv,
-# safetensors, matplotlib and tqdm: it runs from the source tree, uninstalled.
+# with ten-crop, curves, confusion matrix and the log) under $OUT. Needs only
+# python3 with torch, numpy, opencv, safetensors, matplotlib and tqdm: it runs
+# from the source tree, uninstalled.
 #
 #   emotion-train pack --data ../shared/data/fer2013 --out fer2013.npz   # 49 MB, on any machine
 #   OUT=out training/gpu.sh fer2013.npz                                  # on the GPU machine
