@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from training.fit import epochs_behind, lineage
 from worker.classify import predict
 from worker.model import BUNDLED_WEIGHTS, CheckpointError, ModelInfo, load_checkpoint, save_checkpoint
 
@@ -77,7 +78,12 @@ def export(run: Path, to: Path | None = None) -> Path:
 
 
 def exported_info(info: ModelInfo, metrics: dict | None, now: datetime | None = None) -> ModelInfo:
-    """``info`` with ``version`` set (``YYYY.MM.DD-<recipe>-w<width>``) and ``extra`` extended from ``metrics``.
+    """``info`` with ``version`` set and ``extra`` extended from ``metrics``.
+
+    The version is ``YYYY.MM.DD-<recipe>-w<width>-e<epochs>``, the epochs counting
+    all the training behind the weights (warm restarts included), so that two
+    models exported on one day tell themselves apart in every event; ``-e<epochs>``
+    is left out when the checkpoint does not record its epochs.
 
     Added keys (all strings): ``recipe``, ``epochs``, ``best_epoch``, ``device``,
     ``train_minutes``, ``train_images``, ``val_acc``, ``val_acc_flip``,
@@ -108,13 +114,13 @@ def exported_info(info: ModelInfo, metrics: dict | None, now: datetime | None = 
     extra["exported"] = now.isoformat(timespec="seconds")
     recipe = extra.get("recipe", "unknown")
     version = f"{now:%Y.%m.%d}-{recipe}-w{info.width:g}"
+    if epochs := epochs_behind(extra):
+        version += f"-e{epochs}"
     return replace(info, version=version, extra=extra)
 
 
 def _with_lineage(info: ModelInfo) -> ModelInfo:
     """Add what a warm restart started from, for checkpoints that name their ``init`` path only."""
-    from training.fit import lineage
-
     init = info.extra.get("init")
     if not init or "init_version" in info.extra or not Path(init).is_file():
         return info

@@ -148,16 +148,27 @@ def lineage(init: ModelInfo) -> dict[str, str]:
     ``init_version`` names the starting model; ``init_epochs`` and
     ``init_train_minutes`` count the training behind its weights, its own
     starting point included, so a chain of restarts adds up. Minutes are
-    left out when the starting checkpoint does not record them (a ``best.safetensors``
-    straight out of ``fit``, before ``export``).
+    left out when the starting checkpoint, or one before it, does not record
+    them (one written by an older ``fit``): a partial sum would undercount.
     """
     extra = init.extra
-    epochs = int(extra.get("best_epoch") or extra.get("epoch") or 0) + int(extra.get("init_epochs") or 0)
-    out = {"init_version": init.version, "init_epochs": str(epochs)}
-    if "train_minutes" in extra:
+    out = {"init_version": init.version}
+    if (epochs := epochs_behind(extra)) is not None:
+        out["init_epochs"] = str(epochs)
+    earlier_known = "init_version" not in extra or "init_train_minutes" in extra
+    if "train_minutes" in extra and earlier_known:
         minutes = float(extra["train_minutes"]) + float(extra.get("init_train_minutes") or 0)
         out["init_train_minutes"] = f"{minutes:.1f}"
     return out
+
+
+def epochs_behind(extra: dict[str, str]) -> int | None:
+    """Epochs of training behind a checkpoint's weights, its starting points' included.
+
+    ``extra`` is the checkpoint's metadata; ``None`` when it does not record its own epoch.
+    """
+    own = extra.get("best_epoch") or extra.get("epoch")
+    return int(own) + int(extra.get("init_epochs") or 0) if own else None
 
 
 def make_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -304,7 +315,7 @@ def fit(
         history.append(row)
         if chosen > best_acc:
             best_acc = chosen
-            best_info = _best_info(info, recipe, row, len(train), data, dev, init, init_info)
+            best_info = _best_info(info, recipe, row, len(train), data, dev, train_seconds, init, init_info)
             save_checkpoint(kept, best_info, out / BEST_FILE)
         save_state(state_path, model, ema, opt, gen, recipe, width, epoch + 1, history, best_acc, train_seconds)
         print(
@@ -318,8 +329,10 @@ def fit(
 
 
 def _best_info(
-    info: ModelInfo, recipe: Recipe, row: dict, n_train: int, data, dev, init=None, init_info=None
+    info: ModelInfo, recipe: Recipe, row: dict, n_train: int, data, dev, train_seconds: float, init=None,
+    init_info=None,
 ) -> ModelInfo:
+    """Metadata of the checkpoint kept at ``row``'s epoch; ``train_minutes`` counts this run up to that epoch."""
     extra = {"init": str(init), **lineage(init_info)} if init_info is not None else {}
     return replace(
         info,
@@ -335,6 +348,7 @@ def _best_info(
             "data": str(data),
             "data_split": "trained on train/, selected on val/ (PublicTest)",
             "device": str(dev),
+            "train_minutes": f"{train_seconds / 60:.1f}",
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **extra,
         },

@@ -72,8 +72,8 @@ def test_export_metadata_comes_from_the_run(best_run, tmp_path):
     assert extra["date"] == trained.extra["date"]
     exported = datetime.fromisoformat(extra["exported"])
     assert abs((datetime.now(timezone.utc) - exported).total_seconds()) < 120
-    assert info.version == f"{exported:%Y.%m.%d}-best-w0.125"
-    assert re.fullmatch(r"\d{4}\.\d{2}\.\d{2}-best-w0\.125", info.version)
+    assert info.version == f"{exported:%Y.%m.%d}-best-w0.125-e1"
+    assert re.fullmatch(r"\d{4}\.\d{2}\.\d{2}-best-w0\.125-e1", info.version)
 
 
 def test_export_of_a_checkpoint_file_without_metrics(tmp_path):
@@ -86,7 +86,7 @@ def test_export_of_a_checkpoint_file_without_metrics(tmp_path):
     info = load_checkpoint(path)[1]
     assert info.extra["note"] == "kept"
     assert "val_acc" not in info.extra
-    assert info.version.endswith("-seed-w0.25")
+    assert info.version.endswith("-seed-w0.25")  # no epochs recorded, none made up
 
 
 def test_export_records_what_a_warm_restart_started_from(seed_run, tmp_path):

@@ -10,6 +10,7 @@ from safetensors import safe_open
 import training.fit
 from tests.training.conftest import TINY_FIT
 from training.cli import main
+from training.export import export
 from worker.model import CLASSES, load_checkpoint
 
 METRICS_KEYS = {
@@ -44,6 +45,9 @@ def check_run(out, recipe: str, epochs: int = 1) -> dict:
     assert all(set(r) == HISTORY_KEYS for r in metrics["history"])
     assert metrics["best_epoch"] == max(metrics["history"], key=lambda r: r["val_acc_tta"])["epoch"]
     assert info.extra["epoch"] == str(metrics["best_epoch"])
+    # The minutes of this run up to the epoch kept, so a warm restart from it can count them.
+    seconds = sum(r["seconds"] for r in metrics["history"][: metrics["best_epoch"]])
+    assert float(info.extra["train_minutes"]) == pytest.approx(seconds / 60, abs=0.051)
     assert set(metrics["val"]) == {"none", "flip", "tencrop"}
     # --limit 300 validates on max(300 // 4, 50) = 75 of the 84 val images.
     for result in metrics["val"].values():
@@ -161,11 +165,14 @@ def test_init_starts_from_a_checkpoint_and_records_it(seed_run, small_fer, tmp_p
     # The lineage: which model it started from and the epochs behind those weights.
     assert info.extra["init_version"] == source_info.version
     assert info.extra["init_epochs"] == source_info.extra["epoch"]
-    assert "init_train_minutes" not in info.extra  # a raw fit checkpoint does not record its minutes
+    assert info.extra["init_train_minutes"] == source_info.extra["train_minutes"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["init"] == str(seed_run / "best.safetensors")
     assert metrics["init_epochs"] == source_info.extra["epoch"]
     assert metrics["hyperparameters"]["lr"] == 0.01
+    # Exported, its version counts the epochs of both runs.
+    exported = load_checkpoint(export(out, tmp_path / "exported.safetensors"))[1]
+    assert exported.version.endswith("-best-w0.125-e2")
 
 
 def test_lineage_adds_up_over_a_chain_of_warm_restarts():
@@ -180,3 +187,7 @@ def test_lineage_adds_up_over_a_chain_of_warm_restarts():
                        extra={"best_epoch": "20", "epochs": "22", "train_minutes": "110.0", **lineage(first)})
     assert lineage(second) == {"init_version": "2026.11.29-best-w0.5", "init_epochs": "87",
                                "init_train_minutes": "306.6"}
+    # A start whose own start does not record its minutes: the epochs add up, the minutes are left out.
+    third = ModelInfo(width=0.5, version="2026.11.30-best-w0.5",
+                      extra={"epoch": "19", "train_minutes": "98.0", "init_version": "2026.11.29", "init_epochs": "91"})
+    assert lineage(third) == {"init_version": "2026.11.30-best-w0.5", "init_epochs": "110"}
