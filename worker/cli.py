@@ -91,7 +91,10 @@ def _run(settings, args) -> int:
         log.error("cannot start", error=str(exc))
         worker.stop(drain_timeout=0)
         return EXIT_CONFIG
-    stop.wait()
+    # With a timeout: a signal the kernel hands to another thread only runs its Python
+    # handler once the main thread wakes, and an untimed wait may never wake.
+    while not stop.wait(0.5):
+        pass
     worker.stop()
     return 0
 
