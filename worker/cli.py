@@ -91,12 +91,25 @@ def _run(settings, args) -> int:
         log.error("cannot start", error=str(exc))
         worker.stop(drain_timeout=0)
         return EXIT_CONFIG
-    # With a timeout: a signal the kernel hands to another thread only runs its Python
-    # handler once the main thread wakes, and an untimed wait may never wake.
-    while not stop.wait(0.5):
-        pass
+    wait_interruptibly(stop)
     worker.stop()
     return 0
+
+
+def wait_interruptibly(event: threading.Event, timeout: float | None = None) -> bool:
+    """``event.wait(timeout)`` in half-second steps, so that signal handlers run promptly.
+
+    Python runs a handler (SIGTERM's, Ctrl-C's) in the main thread only, once that
+    thread runs again; a signal the kernel hands to another thread (paho's network
+    loop, the classifier) would otherwise wait for an untimed wait to end, maybe never.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not event.is_set():
+        left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+        if left <= 0:
+            break
+        event.wait(left)
+    return event.is_set()
 
 
 def _classify(settings, args) -> int:
@@ -268,7 +281,7 @@ def _watch(settings, args) -> int:
     client.loop_start()
     print(f"watching {', '.join(t for t, _ in subs)} on {settings.mqtt.host}:{settings.mqtt.port}", file=sys.stderr)
     try:
-        done.wait(args.timeout)
+        wait_interruptibly(done, args.timeout)
     except KeyboardInterrupt:
         pass
     client.loop_stop()
