@@ -198,3 +198,18 @@ def publisher(port: int):
     client.connect("127.0.0.1", port)
     client.loop_start()
     return client
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread signal masks from Linux /proc")
+
+
+def signals_blocked_by_other_threads(pid: int) -> dict[str, set[int]]:
+    """The signals each thread of a Linux process but its main thread blocks, by thread name and id."""
+    out = {}
+    for task in (Path("/proc") / str(pid) / "task").iterdir():
+        if task.name == str(pid):
+            continue
+        status = dict(line.split(":\t", 1) for line in (task / "status").read_text().splitlines() if ":\t" in line)
+        mask = int(status["SigBlk"], 16)
+        out[f"{status['Name'].strip()}-{task.name}"] = {n for n in range(1, 65) if mask >> (n - 1) & 1}
+    return out

@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="as JSON instead of TOML")
 
     args = parser.parse_args(argv)
+    if args.command in ("run", "watch"):
+        # Before any import starts a thread (numpy's OpenBLAS, torch, paho, the pipeline).
+        hold_stop_signals()
     from worker.config import ConfigError, load_settings
 
     overrides: dict = {}
@@ -81,9 +84,6 @@ def _run(settings, args) -> int:
     if settings.broker.embedded:
         host = "127.0.0.1" if settings.broker.host in ("0.0.0.0", "::") else settings.broker.host
         settings.mqtt = settings.mqtt.model_copy(update={"host": host, "port": settings.broker.port, "protocol": "3.1.1"})
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     worker = Worker(settings)
     try:
         worker.start()
@@ -91,25 +91,46 @@ def _run(settings, args) -> int:
         log.error("cannot start", error=str(exc))
         worker.stop(drain_timeout=0)
         return EXIT_CONFIG
-    wait_interruptibly(stop)
+    sig = wait_for_stop()
+    log.info("signal received", signal=sig.name)
     worker.stop()
     return 0
 
 
-def wait_interruptibly(event: threading.Event, timeout: float | None = None) -> bool:
-    """``event.wait(timeout)`` in half-second steps, so that signal handlers run promptly.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    Python runs a handler (SIGTERM's, Ctrl-C's) in the main thread only, once that
-    thread runs again; a signal the kernel hands to another thread (paho's network
-    loop, the classifier) would otherwise wait for an untimed wait to end, maybe never.
+
+def hold_stop_signals() -> None:
+    """Block SIGTERM and SIGINT in this thread, and so in every thread it starts later.
+
+    Call it before any thread starts (``main`` does, for ``run`` and ``watch``),
+    native threads included; the signals then stay pending until
+    ``wait_for_stop`` takes them. No Python handler runs, and none can deadlock: a
+    handler that sets a ``threading.Event`` can be entered again by a second signal
+    while the first still holds the Event's lock, and the main thread then waits on
+    itself forever. ``timeout make run`` sends two SIGTERMs (one to the process
+    group, one from make), and people press Ctrl-C twice.
+    Signals that arrive after ``wait_for_stop`` returned stay pending and are ignored.
     """
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def wait_for_stop(done: threading.Event | None = None, timeout: float | None = None) -> signal.Signals | None:
+    """Wait for SIGTERM or SIGINT (held with ``hold_stop_signals``), for ``done``, or ``timeout`` seconds.
+
+    Returns the signal that came, or None when ``done`` was set or the time ran out.
+    """
+    if done is None and timeout is None:
+        return signal.Signals(signal.sigwait(STOP_SIGNALS))
     deadline = None if timeout is None else time.monotonic() + timeout
-    while not event.is_set():
-        left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
-        if left <= 0:
-            break
-        event.wait(left)
-    return event.is_set()
+    while done is None or not done.is_set():
+        step = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+        if step <= 0:
+            return None
+        info = signal.sigtimedwait(STOP_SIGNALS, step)
+        if info is not None:
+            return signal.Signals(info.si_signo)
+    return None
 
 
 def _classify(settings, args) -> int:
@@ -280,10 +301,7 @@ def _watch(settings, args) -> int:
     client.subscribe(subs)
     client.loop_start()
     print(f"watching {', '.join(t for t, _ in subs)} on {settings.mqtt.host}:{settings.mqtt.port}", file=sys.stderr)
-    try:
-        wait_interruptibly(done, args.timeout)
-    except KeyboardInterrupt:
-        pass
+    wait_for_stop(done, args.timeout)
     client.loop_stop()
     client.disconnect()
     return 0 if not args.count or done.is_set() else 1

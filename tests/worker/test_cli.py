@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import cv2
 import jsonschema
 
-from tests.conftest import FER, REPO, start_worker
+from tests.conftest import FER, REPO, needs_proc, signals_blocked_by_other_threads, start_worker
+from worker.cli import hold_stop_signals, wait_for_stop
 from worker.events import EVENT_SCHEMA, load_schema
 
 
@@ -95,3 +100,81 @@ def test_config_with_unknown_key_fails_naming_it(worker_env, tmp_path):
     out = cli("config", "--config", str(conf), env=worker_env)
     assert out.returncode == 2
     assert "detector.min_face" in out.stderr and "unknown key" in out.stderr
+
+
+# A process that holds the stop signals, keeps three threads busy (as paho, the
+# pipeline and torch do) and reports which signal ended its wait.
+WAITER = """
+import sys, threading
+from worker.cli import hold_stop_signals, wait_for_stop
+hold_stop_signals()
+def spin():
+    while True:
+        sum(range(1000))
+for _ in range(3):
+    threading.Thread(target=spin, daemon=True).start()
+print("ready", flush=True)
+print(wait_for_stop().name, flush=True)
+"""
+
+
+def test_two_sigterms_at_once_end_the_wait_every_time():
+    # `timeout make run` sends two SIGTERMs microseconds apart. A Python handler that
+    # sets an Event deadlocked on about one such pair in twenty; hold 25 pairs here.
+    for attempt in range(25):
+        proc = subprocess.Popen([sys.executable, "-c", WAITER], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline() == "ready\n"
+            time.sleep(0.01 * (attempt % 5))
+            os.kill(proc.pid, signal.SIGTERM)
+            os.kill(proc.pid, signal.SIGTERM)
+            out, _ = proc.communicate(timeout=10)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert (proc.returncode, out) == (0, "SIGTERM\n"), f"attempt {attempt}"
+
+
+def test_threads_started_after_holding_inherit_the_block():
+    masks = {}
+
+    def starter():
+        hold_stop_signals()
+        child = threading.Thread(target=lambda: masks.update(child=signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+        child.start()
+        child.join()
+
+    t = threading.Thread(target=starter)
+    t.start()
+    t.join()
+    assert {signal.SIGTERM, signal.SIGINT} <= masks["child"]
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the caller's thread only
+
+
+def test_wait_for_stop_returns_none_when_done_or_out_of_time():
+    done = threading.Event()
+    threading.Timer(0.2, done.set).start()
+    t0 = time.monotonic()
+    assert wait_for_stop(done, timeout=30) is None
+    assert 0.15 < time.monotonic() - t0 < 5
+    t0 = time.monotonic()
+    assert wait_for_stop(threading.Event(), timeout=0.3) is None
+    assert 0.25 < time.monotonic() - t0 < 5
+
+
+@needs_proc
+def test_watch_stops_on_ctrl_c(worker_env, mosquitto):
+    watch = subprocess.Popen([sys.executable, "-m", "worker.cli", "watch"], env=worker_env, cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert watch.stderr.readline().startswith("watching ")
+        # numpy's OpenBLAS threads start at import: they too must leave Ctrl-C to the main thread.
+        masks = signals_blocked_by_other_threads(watch.pid)
+        assert masks and all({signal.SIGTERM, signal.SIGINT} <= m for m in masks.values()), masks
+        watch.send_signal(signal.SIGINT)
+        watch.send_signal(signal.SIGINT)
+        _, err = watch.communicate(timeout=10)
+    finally:
+        watch.kill()
+        watch.wait()
+    assert watch.returncode == 0 and "Traceback" not in err, err

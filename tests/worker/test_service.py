@@ -15,7 +15,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, free_port, publisher, start_worker, wait_port
+from tests.conftest import REPO, free_port, needs_proc, publisher, signals_blocked_by_other_threads, start_worker, wait_port
 from worker.events import ERROR_SCHEMA, EVENT_SCHEMA, load_schema
 from worker.frames import encode_jpeg
 
@@ -186,6 +186,26 @@ def test_status_online_while_running_offline_after_sigterm(worker, listen, mosqu
     after = listen([STATUS])
     retained = after.wait_for(lambda m: True, 10, "retained status")
     assert retained.payload == b"offline" and retained.retain
+
+
+@needs_proc
+def test_only_the_main_thread_takes_stop_signals_and_two_sigterms_stop_once(worker, listen):
+    proc, log = worker()
+    status = listen([STATUS])
+    wait_online(status)
+    # The main thread waits in sigwait, which unblocks the signals it waits for while it
+    # waits; every other thread must leave them to it.
+    masks = signals_blocked_by_other_threads(proc.pid)
+    assert len(masks) >= 3  # paho, the pipeline and torch run threads of their own
+    assert all({signal.SIGTERM, signal.SIGINT} <= m for m in masks.values()), masks
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+    status.wait_for(lambda m: m.payload == b"offline", 10, "'offline' after two SIGTERMs")
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    assert [e["event"] for e in lines].count("stopping") == 1
+    assert {"event": "signal received", "signal": "SIGTERM"}.items() <= next(
+        e for e in lines if e["event"] == "signal received").items()
 
 
 def test_sigint_also_stops_cleanly(worker, listen):
