@@ -9,9 +9,11 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import cv2
 import jsonschema
+import pytest
 
 from tests.conftest import FER, REPO, needs_proc, signals_blocked_by_other_threads, start_worker
 from worker.cli import hold_stop_signals, wait_for_stop
@@ -178,3 +180,31 @@ def test_watch_stops_on_ctrl_c(worker_env, mosquitto):
         watch.kill()
         watch.wait()
     assert watch.returncode == 0 and "Traceback" not in err, err
+
+
+def _can_unshare_pid() -> bool:
+    try:
+        return subprocess.run(["unshare", "--fork", "--pid", "--mount-proc", "true"], capture_output=True,
+                              timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _can_unshare_pid(), reason="needs unshare and the right to make a PID namespace")
+def test_sigterm_stops_the_wait_as_pid_1():
+    # The Docker image runs the worker as PID 1, where the kernel drops a SIGTERM
+    # that has no handler unless the signal is blocked; `docker stop` must still work.
+    proc = subprocess.Popen(["unshare", "--fork", "--pid", "--mount-proc", sys.executable, "-c",
+                             "import os; print(os.getpid(), flush=True)\n" + WAITER],
+                            cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "1\n"
+        assert proc.stdout.readline() == "ready\n"
+        inner = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(inner) == 1  # the Python process, PID 1 inside its namespace
+        os.kill(int(inner[0]), signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert out == "SIGTERM\n"
