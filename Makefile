@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install mosquitto bench clean
+.PHONY: run test install mosquitto bench soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: $(STAMP) mosquitto
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/pipeline.py
+
+# Ten minutes of good and bad frames and broker restarts; prints the worker's memory, threads and files.
+soak: $(STAMP) mosquitto
+	$(BIN)/python benchmarks/soak.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
