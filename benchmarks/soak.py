@@ -19,7 +19,6 @@ import argparse
 import base64
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -33,34 +32,15 @@ import paho.mqtt.client as mqtt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pipeline import REPO, free_port, test_frame  # noqa: E402
+from pipeline import REPO, test_frame  # noqa: E402
+
+from tests.conftest import Mosquitto  # noqa: E402
 
 from worker.classify import TTA_MODES  # noqa: E402
 from worker.config import Model  # noqa: E402
 from worker.frames import encode_jpeg  # noqa: E402
 
 MAX_PAYLOAD = 300_000  # bytes; the worker's pipeline.max_payload_bytes in this run
-
-
-class Broker:
-    def __init__(self, workdir: Path):
-        self.exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        if not Path(self.exe).exists():
-            raise SystemExit("soak.py needs Mosquitto (`make test` installs Debian's package)")
-        self.port = free_port()
-        self.conf = workdir / "mosquitto.conf"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        time.sleep(0.3)
-
-    def stop(self) -> None:
-        if self.proc:
-            self.proc.terminate()
-            self.proc.wait(5)
 
 
 def payloads(frame: np.ndarray) -> list[tuple[str, bytes]]:
@@ -105,7 +85,10 @@ def main() -> None:
         raise SystemExit("soak.py reads the worker's memory from Linux /proc")
 
     work = Path(tempfile.mkdtemp(prefix="soak-"))
-    broker = Broker(work)
+    try:
+        broker = Mosquitto(work)
+    except RuntimeError as exc:
+        raise SystemExit(f"soak.py: {exc}") from None
     broker.start()
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMOTION_")}
     env.update(EMOTION_MQTT__PORT=str(broker.port), EMOTION_MQTT__RECONNECT_MIN_S="0.5",
