@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, help="train on a stratified subset of this many images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
-    p.add_argument("--init", type=Path, help="start from this checkpoint's weights (a warm restart)")
+    p.add_argument("--init", type=Path,
+                   help="start from this checkpoint's weights (a warm restart); a narrower one is widened to --width")
 
     p = sub.add_parser("evaluate", help="score a checkpoint on a labelled folder or CSV")
     p.add_argument("--weights", type=Path, help="checkpoint (default: the bundled model)")

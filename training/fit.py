@@ -128,16 +128,22 @@ def quiet_init(model: ResNet9) -> None:
 def start_from(model: ResNet9, path: str | Path) -> ModelInfo:
     """Copy the weights of the checkpoint at ``path`` into ``model`` and return its metadata.
 
-    Width and classes must match, else :class:`CheckpointError` names both.
+    A narrower checkpoint is first grown to the model's width with
+    :func:`training.widen.widen`, which keeps its outputs. A wider checkpoint,
+    or one with other classes, raises :class:`CheckpointError` naming both.
     """
+    from training.widen import widen
     from worker.model import CheckpointError, load_checkpoint
 
     src, info = load_checkpoint(path)
-    if info.width != model.width or tuple(info.classes) != CLASSES:
+    if info.width > model.width or tuple(info.classes) != CLASSES:
         raise CheckpointError(
-            f"{path}: --init needs a checkpoint of width {model.width} with classes {list(CLASSES)}, "
+            f"{path}: --init needs a checkpoint of width {model.width} or less with classes {list(CLASSES)}, "
             f"it has width {info.width} and classes {list(info.classes)}"
         )
+    if info.width < model.width:
+        print(f"widening {path} from width {info.width} to {model.width}", file=sys.stderr)
+        src = widen(src.float(), model.width)
     model.load_state_dict(src.state_dict())
     return info
 

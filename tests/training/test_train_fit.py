@@ -152,8 +152,15 @@ def test_init_starts_from_a_checkpoint_and_records_it(seed_run, small_fer, tmp_p
     start_from(model, seed_run / "best.safetensors")
     for (name, a), b in zip(model.state_dict().items(), source.state_dict().values()):
         assert torch.equal(a, b), name
-    with pytest.raises(CheckpointError, match="--init needs a checkpoint of width 0.25"):
-        start_from(ResNet9(width=0.25), seed_run / "best.safetensors")
+    with pytest.raises(CheckpointError, match="--init needs a checkpoint of width 0.0625 or less"):
+        start_from(ResNet9(width=0.0625), seed_run / "best.safetensors")
+
+    # A narrower checkpoint is widened and keeps its outputs.
+    wide = ResNet9(width=0.25).eval()
+    start_from(wide, seed_run / "best.safetensors")
+    x = torch.randn(2, 1, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), source.float()(x), rtol=1e-3, atol=1e-3)
 
     out = tmp_path / "warm"
     args = ["fit", "--data", str(small_fer), "--out", str(out), "--recipe", "best", "--lr", "0.01",
