@@ -12,11 +12,9 @@ latency from publishing a frame to receiving its event.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,6 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tests.conftest import Mosquitto, free_port  # noqa: E402
 from worker.app import Worker  # noqa: E402
 from worker.classify import TTA_MODES, Classifier  # noqa: E402
 from worker.config import Model, load_settings  # noqa: E402
@@ -83,27 +82,27 @@ def stages(settings, frame: np.ndarray) -> None:
         print(f"  classify {n:2d} faces          {ms:7.2f} ms  ({ms / n:.2f} ms a face)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def end_to_end(settings, frame: np.ndarray, frames: int, fps: float) -> None:
-    port = free_port()
-    broker = None
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    overrides = {"mqtt": {"port": port}, "pipeline": {"stats_interval_s": 0}}
-    if Path(exe).exists():
-        conf = Path(tempfile.mkdtemp()) / "mosquitto.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
-        broker = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.5)
-        kind = "Mosquitto, MQTT 5"
-    else:
+    overrides = {"mqtt": {}, "pipeline": {"stats_interval_s": 0}}
+    try:
+        broker = Mosquitto(Path(tempfile.mkdtemp()))
+    except RuntimeError:
+        broker, port = None, free_port()
         overrides["broker"] = {"embedded": True, "port": port}
         overrides["mqtt"]["protocol"] = "3.1.1"
         kind = "embedded amqtt, MQTT 3.1.1"
+    else:
+        broker.start()
+        port, kind = broker.port, "Mosquitto, MQTT 5"
+    overrides["mqtt"]["port"] = port
+    try:
+        _end_to_end(settings, frame, frames, fps, port, kind, overrides)
+    finally:
+        if broker:
+            broker.stop()
+
+
+def _end_to_end(settings, frame, frames: int, fps: float, port: int, kind: str, overrides: dict) -> None:
     s = load_settings(None, model=settings.model.model_dump(), detector=settings.detector.model_dump(),
                       pipeline={**settings.pipeline.model_dump(), "stats_interval_s": 0}, **{
                           k: v for k, v in overrides.items() if k != "pipeline"})
@@ -134,7 +133,7 @@ def end_to_end(settings, frame: np.ndarray, frames: int, fps: float) -> None:
         time.sleep(max(0.0, t0 + i / fps - time.time()))
         sent[f"b-{i}"] = time.time()
         pub.publish("emotion/frames/bench", json.dumps({
-            "image": __import__("base64").b64encode(jpeg).decode(), "frame_id": f"b-{i}",
+            "image": base64.b64encode(jpeg).decode(), "frame_id": f"b-{i}",
             "captured_at": sent[f"b-{i}"]}), qos=0)
     done.wait(10.0)
     elapsed = (max(got.values()) if got else time.time()) - t0
@@ -143,8 +142,6 @@ def end_to_end(settings, frame: np.ndarray, frames: int, fps: float) -> None:
     worker.stop()
     sub.loop_stop()
     pub.loop_stop()
-    if broker:
-        broker.terminate()
     rate = f"{fps:g} frames/s offered"
     print(f"end to end through {kind}: {frames} frames {rate}, {len(got)} events, "
           f"{stats.get('dropped', 0)} dropped, {stats.get('stale', 0)} stale")
