@@ -83,29 +83,27 @@ def stages(settings, frame: np.ndarray) -> None:
 
 
 def end_to_end(settings, frame: np.ndarray, frames: int, fps: float) -> None:
-    overrides = {"mqtt": {}, "pipeline": {"stats_interval_s": 0}}
-    try:
-        broker = Mosquitto(Path(tempfile.mkdtemp()))
-    except RuntimeError:
-        broker, port = None, free_port()
-        overrides["broker"] = {"embedded": True, "port": port}
-        overrides["mqtt"]["protocol"] = "3.1.1"
-        kind = "embedded amqtt, MQTT 3.1.1"
-    else:
-        broker.start()
-        port, kind = broker.port, "Mosquitto, MQTT 5"
-    overrides["mqtt"]["port"] = port
-    try:
-        _end_to_end(settings, frame, frames, fps, port, kind, overrides)
-    finally:
-        if broker:
-            broker.stop()
+    with tempfile.TemporaryDirectory() as work:
+        try:
+            broker = Mosquitto(Path(work))
+        except RuntimeError:
+            broker, port = None, free_port()
+            overrides = {"broker": {"embedded": True, "port": port}, "mqtt": {"port": port, "protocol": "3.1.1"}}
+            kind = "embedded amqtt, MQTT 3.1.1"
+        else:
+            broker.start()
+            port, kind = broker.port, "Mosquitto, MQTT 5"
+            overrides = {"mqtt": {"port": port}}
+        try:
+            _end_to_end(settings, frame, frames, fps, port, kind, overrides)
+        finally:
+            if broker:
+                broker.stop()
 
 
 def _end_to_end(settings, frame, frames: int, fps: float, port: int, kind: str, overrides: dict) -> None:
     s = load_settings(None, model=settings.model.model_dump(), detector=settings.detector.model_dump(),
-                      pipeline={**settings.pipeline.model_dump(), "stats_interval_s": 0}, **{
-                          k: v for k, v in overrides.items() if k != "pipeline"})
+                      pipeline={**settings.pipeline.model_dump(), "stats_interval_s": 0}, **overrides)
     worker = Worker(s)
     worker.start()
     assert worker.link.wait_connected(20), "worker did not connect"
