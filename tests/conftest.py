@@ -44,14 +44,16 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 class Mosquitto:
     """A Mosquitto broker on a free port, stoppable and restartable on the same port."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, persistence: bool = False):
+        """With ``persistence``, sessions and their queued messages survive a restart."""
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(exe).exists():
             raise RuntimeError("mosquitto is not installed; `make test` installs Debian's package")
         self.exe = exe
         self.port = free_port()
         self.conf = workdir / "mosquitto.conf"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        keep = f"persistence true\npersistence_location {workdir}/\n" if persistence else "persistence false\n"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{keep}")
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -134,16 +136,21 @@ def start_worker(env: dict[str, str], log_path: Path, *args: str) -> subprocess.
 
 
 class Listener:
-    """A paho client that records every message on the topics it subscribes to."""
+    """A paho client that records every message on the topics it subscribes to.
 
-    def __init__(self, port: int, topics: list[str]):
+    A ``persistent`` one keeps its session, so the broker holds its QoS 1 messages while it is away.
+    """
+
+    def __init__(self, port: int, topics: list[str], persistent: bool = False):
         import threading
 
         import paho.mqtt.client as mqtt
 
         self.messages: list = []
         self._cond = threading.Condition()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-listener-{time.time_ns()}")
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-listener-{time.time_ns()}", clean_session=not persistent
+        )
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, *a: c.subscribe([(t, 1) for t in topics])
         self.client.connect("127.0.0.1", port)

@@ -26,6 +26,10 @@ class PahoRetryNoise(logging.Filter):
         return not (record.name.startswith("paho") and record.getMessage().startswith("Client is not connected"))
 
 
+class _LibraryHandler(logging.StreamHandler):
+    """The root handler this module installs; a second set-up replaces it."""
+
+
 def setup_logging(level: str = "info", fmt: str = "auto", stream=None) -> None:
     """Configure structlog once for the process. ``fmt``: auto, json or console."""
     stream = stream or sys.stderr
@@ -45,7 +49,7 @@ def setup_logging(level: str = "info", fmt: str = "auto", stream=None) -> None:
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(stream)
+    handler = _LibraryHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[structlog.stdlib.add_logger_name, structlog.stdlib.add_log_level, stamp],
@@ -53,9 +57,8 @@ def setup_logging(level: str = "info", fmt: str = "auto", stream=None) -> None:
         )
     )
     handler.addFilter(PahoRetryNoise())
-    handler._emotion_worker = True  # type: ignore[attr-defined]
     root = logging.getLogger()
-    for old in [h for h in root.handlers if getattr(h, "_emotion_worker", False)]:
+    for old in [h for h in root.handlers if isinstance(h, _LibraryHandler)]:
         root.removeHandler(old)
     root.addHandler(handler)
     # Libraries log less verbosely than the worker.

@@ -7,26 +7,15 @@ import json
 import logging
 import time
 
-import paho.mqtt.client as mqtt
 import pytest
 import structlog
 
-from tests.conftest import Mosquitto, free_port
+from tests.conftest import Listener, Mosquitto, free_port
 from worker.config import Settings
 from worker.log import setup_logging
 from worker.mqtt import MqttLink
 
 EVENTS = "emotion/events"
-
-
-def persistent_listener(port: int, client_id: str, got: list) -> mqtt.Client:
-    """A subscriber with a persistent session: the broker keeps its QoS 1 messages while it is away."""
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
-    client.on_message = lambda c, u, msg: got.append(json.loads(msg.payload))
-    client.on_connect = lambda c, *a: c.subscribe(EVENTS, qos=1)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    return client
 
 
 def wait_until(predicate, timeout: float, what: str) -> None:
@@ -37,23 +26,22 @@ def wait_until(predicate, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def numbered(n: int):
+    return lambda msg: json.loads(msg.payload)["n"] == n
+
+
 def test_events_published_while_the_broker_is_away_arrive_after_it_returns(tmp_path):
-    broker = Mosquitto(tmp_path)
     # Sessions survive the restart, so the test does not depend on who reconnects first.
-    broker.conf.write_text(
-        f"listener {broker.port} 127.0.0.1\nallow_anonymous true\n"
-        f"persistence true\npersistence_location {tmp_path}/\n"
-    )
+    broker = Mosquitto(tmp_path, persistence=True)
     broker.start()
     settings = Settings(mqtt={"port": broker.port, "reconnect_min_s": 0.2, "reconnect_max_s": 1})
     link = MqttLink(settings, on_frame=lambda *a: None)
-    got: list = []
-    listener = persistent_listener(broker.port, f"test-events-{time.time_ns()}", got)
+    listener = Listener(broker.port, [EVENTS], persistent=True)
     try:
         link.start()
         assert link.wait_connected(10), "the worker's client did not connect"
         link.publish_json(EVENTS, {"n": 0})
-        wait_until(lambda: len(got) == 1, 10, "event before the outage")
+        listener.wait_for(numbered(0), 10, "event before the outage")
 
         broker.stop()
         wait_until(lambda: not link.connected.is_set(), 10, "disconnect seen by the worker's client")
@@ -62,12 +50,11 @@ def test_events_published_while_the_broker_is_away_arrive_after_it_returns(tmp_p
         broker.start()
 
         assert link.wait_connected(15), "the worker's client did not reconnect"
-        wait_until(lambda: len(got) == 4, 15, "events published during the outage")
-        assert [e["n"] for e in got] == [0, 1, 2, 3]
+        listener.wait_for(numbered(3), 15, "last event published during the outage")
+        assert [json.loads(m.payload)["n"] for m in listener.on(EVENTS)] == [0, 1, 2, 3]
     finally:
         link.close()
-        listener.loop_stop()
-        listener.disconnect()
+        listener.close()
         broker.stop()
 
 
