@@ -52,12 +52,17 @@ class Mosquitto:
         self.exe = exe
         self.port = free_port()
         self.conf = workdir / "mosquitto.conf"
+        self.log = workdir / "mosquitto.log"
         keep = f"persistence true\npersistence_location {workdir}/\n" if persistence else "persistence false\n"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{keep}")
+        # Started as root, Mosquitto switches to the `mosquitto` user, which cannot write its
+        # database into the test's private folder; the sessions would then not survive a restart.
+        user = "user root\n" if os.geteuid() == 0 else ""
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{user}{keep}")
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT)
         wait_port(self.port)
 
     def stop(self) -> None:

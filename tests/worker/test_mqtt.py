@@ -44,6 +44,7 @@ def test_events_published_while_the_broker_is_away_arrive_after_it_returns(tmp_p
         listener.wait_for(numbered(0), 10, "event before the outage")
 
         broker.stop()
+        assert (tmp_path / "mosquitto.db").is_file(), f"the broker kept no sessions: {broker.log.read_text()}"
         wait_until(lambda: not link.connected.is_set(), 10, "disconnect seen by the worker's client")
         for n in (1, 2, 3):
             link.publish_json(EVENTS, {"n": n})
