@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, help="train on a stratified subset of this many images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
+    p.add_argument("--dropout", type=float, help="dropout rate while training (default: the recipe's, 0.5)")
     p.add_argument("--init", type=Path,
                    help="start from this checkpoint's weights (a warm restart); a narrower one is widened to --width")
 
@@ -41,6 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", required=True, type=Path, help="output folder of a fit run (or a checkpoint file)")
     p.add_argument("--to", type=Path, help="destination (default: worker/weights/resnet9.safetensors)")
 
+    p = sub.add_parser("recalibrate", help="recompute a run's BatchNorm statistics on clean train/ images")
+    p.add_argument("--run", required=True, type=Path, help="output folder of a fit run (or a checkpoint file)")
+    p.add_argument("--data", required=True, type=Path, help="folder with train/ and val/, or fer2013.csv")
+    p.add_argument("--out", required=True, type=Path, help="folder for the recalibrated run (not --run)")
+    p.add_argument("--images", type=int, help="use this many train/ images, chosen at random (default: all)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("pack", help="write train/ and val/ into one .npz, to carry to a GPU machine")
     p.add_argument("--data", required=True, type=Path, help="folder with train/ and val/, or fer2013.csv")
     p.add_argument("--out", required=True, type=Path, help="the .npz to write")
@@ -53,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             return _evaluate(args)
         if args.command == "pack":
             return _pack(args)
+        if args.command == "recalibrate":
+            return _recalibrate(args)
         return _export(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"emotion-train {args.command}: {exc}", file=sys.stderr)
@@ -67,6 +78,10 @@ def _fit(args) -> int:
         recipe = replace(recipe, epochs=args.epochs)
     if args.lr:
         recipe = replace(recipe, lr=args.lr)
+    if args.dropout is not None:
+        if not 0 <= args.dropout < 1:
+            raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+        recipe = replace(recipe, dropout=args.dropout)
     fit(args.data, args.out, recipe, width=args.width, device=args.device, resume=args.resume,
         limit=args.limit, seed=args.seed, init=args.init)
     return 0
@@ -103,6 +118,18 @@ def _pack(args) -> int:
 
     path = pack(args.data, args.out)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def _recalibrate(args) -> int:
+    from training.recalibrate import recalibrate
+
+    result = recalibrate(args.run, args.data, args.out, images=args.images, device=args.device, seed=args.seed)
+    before, after = result["before"], result["after"]
+    print(f"BatchNorm statistics recomputed on {result['train_images']} train/ images; val accuracy before -> after:")
+    for tta in after:
+        print(f"  {tta:8s} {before[tta]['accuracy']:.4f} -> {after[tta]['accuracy']:.4f}")
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -14,7 +14,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -48,6 +48,7 @@ class Recipe:
     select_tta: str = "none"  # test-time augmentation used to pick the best epoch
     head_lr_scale: float = 1.0  # learning rate of the classifier relative to the rest (SGD)
     quiet_init: bool = False  # start residual branches and the classifier at zero (see quiet_init)
+    dropout: float = 0.5  # rate of the three dropout layers while training (the network has none at test time)
     augment: Augment = field(default_factory=Augment)
 
 
@@ -239,6 +240,8 @@ def fit(
 
     torch.manual_seed(seed)
     model = ResNet9(len(CLASSES), width)
+    for layer in (model.drop1, model.drop2, model.drop3):
+        layer.p = recipe.dropout
     init_info = start_from(model, init) if init is not None else None
     if init_info is None and recipe.quiet_init:
         quiet_init(model)
@@ -256,8 +259,10 @@ def fit(
     if resume and state_path.exists():
         # Checked before loading: tensors of another width would not even fit the model.
         # Compared as JSON: the stored recipe comes back with lists where asdict() has tuples.
+        # A state written before a field existed had that field's default.
         meta = state_meta(state_path)
-        if meta["recipe"] != json.loads(json.dumps(asdict(recipe))) or meta["width"] != width:
+        stored = {**{f.name: f.default for f in fields(Recipe) if f.default is not MISSING}, **meta["recipe"]}
+        if stored != json.loads(json.dumps(asdict(recipe))) or meta["width"] != width:
             raise SystemExit(f"{state_path} was written by another recipe or width; use a new --out or drop --resume")
         meta = load_state(state_path, model, ema, opt, gen)
         start_epoch, history, best_acc = meta["epoch"], meta["history"], meta["best_acc"]

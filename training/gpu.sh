@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Trains the full-width models on a CUDA machine in one go and leaves each run
 # (checkpoints, metrics.json with the val/ accuracy without TTA, with flip and
-# with ten-crop, curves, confusion matrix and the log) under $OUT. Needs only
+# with ten-crop, curves, confusion matrix and the log) under $OUT, and the best
+# run's model recalibrated (emotion-train recalibrate) beside it. Needs only
 # python3 with torch, numpy, opencv, safetensors, matplotlib and tqdm: it runs
 # from the source tree, uninstalled.
 #
@@ -44,6 +45,9 @@ train() {  # recipe epochs
 }
 
 train best "$best_epochs"
+# The kept model with BatchNorm statistics of clean train/ images (seconds on a GPU).
+"$py" -m training.cli recalibrate --run "$out/best-w$width" --data "$data" --out "$out/best-w$width-bn" \
+    --device "$device" 2>&1 | tee "$out/best-w$width-bn.log"
 if [ "$seed_epochs" -gt 0 ]; then
     train seed "$seed_epochs"
 fi

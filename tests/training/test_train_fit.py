@@ -198,3 +198,38 @@ def test_lineage_adds_up_over_a_chain_of_warm_restarts():
     third = ModelInfo(width=0.5, version="2026.11.30-best-w0.5",
                       extra={"epoch": "19", "train_minutes": "98.0", "init_version": "2026.11.29", "init_epochs": "91"})
     assert lineage(third) == {"init_version": "2026.11.30-best-w0.5", "init_epochs": "110"}
+
+
+def test_dropout_changes_training_and_is_recorded(seed_run, small_fer, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["fit", "--data", str(small_fer), "--out", str(out), "--recipe", "seed", *TINY_FIT,
+                 "--dropout", "0"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["hyperparameters"]["dropout"] == 0.0
+    # Same seed and data order as seed_run; only the dropout differs, and with it the training loss.
+    reference = json.loads((seed_run / "metrics.json").read_text())
+    assert reference["hyperparameters"]["dropout"] == 0.5
+    assert metrics["history"][0]["loss"] != pytest.approx(reference["history"][0]["loss"], rel=1e-2)
+
+    assert main(["fit", "--data", str(small_fer), "--out", str(tmp_path / "bad"), *TINY_FIT, "--dropout", "1"]) == 2
+    assert "--dropout must be in [0, 1), got 1.0" in capsys.readouterr().err
+
+
+def test_resume_takes_a_state_from_before_the_dropout_setting_as_dropout_one_half(best_run, small_fer, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "best.safetensors").write_bytes((best_run / "best.safetensors").read_bytes())
+    with safe_open(str(best_run / "train_state.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        state = json.loads(f.metadata()["state"])
+    del state["recipe"]["dropout"]
+    save_file(tensors, str(out / "train_state.safetensors"), metadata={"state": json.dumps(state)})
+
+    args = ["fit", "--data", str(small_fer), "--out", str(out), "--recipe", "best", *TINY_FIT, "--resume"]
+    with pytest.raises(SystemExit, match="another recipe or width"):
+        main([*args, "--dropout", "0.2"])
+    assert main(args) == 0
+    assert json.loads((out / "metrics.json").read_text())["history"][0]["epoch"] == 1

@@ -35,6 +35,10 @@ def test_gpu_script_trains_both_recipes_from_a_packed_file(small_fer, tmp_path):
         assert val["tencrop"]["n"] > 0 and set(val["tencrop"]["per_class"]) <= set(CLASSES)
         assert "epoch   1/1" in (out / f"{recipe}-w0.125.log").read_text()
     assert "best: " in (out / "device.txt").read_text()
+    recalibrated = out / "best-w0.125-bn"
+    assert "recalibrated" in load_checkpoint(recalibrated / "best.safetensors")[1].extra
+    metrics = json.loads((recalibrated / "metrics.json").read_text())
+    assert metrics["val_before_recalibration"] == json.loads((out / "best-w0.125" / "metrics.json").read_text())["val"]
 
 
 def test_gpu_script_stops_at_the_first_failure_naming_it(tmp_path):
