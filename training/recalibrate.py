@@ -23,7 +23,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from training.data import Split
 from worker.model import CheckpointError, ResNet9, load_checkpoint, save_checkpoint
 
 BEST_FILE = "best.safetensors"  # as written by training.fit
@@ -46,8 +45,8 @@ def recalibrate_batchnorm(
     ``images`` are uint8 grey faces (N, 1, 48, 48) or (N, 48, 48), normalised with
     ``mean`` and ``std`` (of pixels in [0, 1]) as the model's checkpoint says;
     each one is mirrored with probability 1/2 when ``mirror``. The statistics are
-    the exact averages over all batches (BatchNorm's cumulative mode), taken with
-    dropout off. Weights are not touched; the model is left in eval mode.
+    the averages of the batches' statistics, every batch of ``batch_size`` images
+    counting the same (BatchNorm's cumulative mode), taken with dropout off. Weights are not touched; the model is left in eval mode.
     """
     if images.dim() == 3:
         images = images.unsqueeze(1)
