@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from training.data import Split
-from worker.classify import predict
+from worker.classify import TTA_MODES, predict
 from worker.model import ModelInfo, ResNet9
 
 
@@ -41,3 +41,13 @@ def evaluate_model(
         "counts": {name: counts[i].item() for i, name in enumerate(info.classes) if counts[i] > 0},
         "confusion": confusion.tolist(),
     }
+
+
+def evaluate_tta_modes(model: ResNet9, info: ModelInfo, split: Split, amp: torch.dtype | None = None) -> dict:
+    """:func:`evaluate_model` for each test-time augmentation (``none``, ``flip``, ``tencrop``), by mode."""
+    return {tta: evaluate_model(model, info, split, tta, amp=amp) for tta in TTA_MODES}
+
+
+def summary(results: dict) -> dict:
+    """Accuracy, per-class accuracy and count of each mode's result, as ``metrics.json`` keeps them under ``val``."""
+    return {tta: {k: r[k] for k in ("accuracy", "per_class", "n")} for tta, r in results.items()}

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import torch
 
-from training.fit import epochs_behind, lineage
+from training.fit import BEST_FILE, METRICS_FILE, epochs_behind, lineage
 from worker.classify import predict
 from worker.model import BUNDLED_WEIGHTS, CheckpointError, ModelInfo, load_checkpoint, save_checkpoint
 
-BEST_FILE = "best.safetensors"  # as written by training.fit
-METRICS_FILE = "metrics.json"
 MAX_BYTES = 25_000_000  # the bundled model ships inside the package and the image
 # Largest difference in class probability allowed between the fp32 model and its fp16 copy.
 FP16_TOLERANCE = 1e-2
@@ -39,21 +37,10 @@ def export(run: Path, to: Path | None = None) -> Path:
     copy does not reproduce the model, or the result is 25 MB or more; the
     destination is then left as it was.
     """
-    run = Path(run)
-    if run.is_dir():
-        source = run / BEST_FILE
-        if not source.is_file():
-            raise CheckpointError(
-                f"{run}: no {BEST_FILE} in this folder; pass the --out folder of a finished "
-                "'emotion-train fit' run or a checkpoint file"
-            )
-    elif run.is_file():
-        source = run
-    else:
-        raise CheckpointError(f"{run} does not exist")
+    source = run_checkpoint(Path(run))
     model, info = load_checkpoint(source)
     info = _with_lineage(info)
-    metrics = _read_metrics(source.parent / METRICS_FILE, info) if source.name == BEST_FILE else None
+    metrics = run_metrics(source, info)
     info = exported_info(info, metrics)
 
     to = Path(to) if to is not None else BUNDLED_WEIGHTS
@@ -75,6 +62,34 @@ def export(run: Path, to: Path | None = None) -> Path:
     finally:
         staged.unlink(missing_ok=True)
     return to
+
+
+def run_checkpoint(run: Path) -> Path:
+    """The checkpoint ``run`` names: the ``best.safetensors`` of a fit run's folder, or ``run`` itself if a file.
+
+    Raises :class:`CheckpointError` naming ``run`` when there is none.
+    """
+    if run.is_dir():
+        source = run / BEST_FILE
+        if not source.is_file():
+            raise CheckpointError(
+                f"{run}: no {BEST_FILE} in this folder; pass the --out folder of a finished "
+                "'emotion-train fit' run or a checkpoint file"
+            )
+        return source
+    if run.is_file():
+        return run
+    raise CheckpointError(f"{run} does not exist")
+
+
+def run_metrics(source: Path, info: ModelInfo) -> dict | None:
+    """The ``metrics.json`` of the fit run whose ``best.safetensors`` is ``source`` (described by ``info``).
+
+    ``None`` for a checkpoint that is not a run's ``best.safetensors`` or a run
+    without metrics; :class:`CheckpointError` when the metrics are unreadable or
+    describe another model.
+    """
+    return _read_metrics(source.parent / METRICS_FILE, info) if source.name == BEST_FILE else None
 
 
 def exported_info(info: ModelInfo, metrics: dict | None, now: datetime | None = None) -> ModelInfo:

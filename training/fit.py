@@ -93,6 +93,7 @@ RECIPES = {
 
 STATE_FILE = "train_state.safetensors"
 BEST_FILE = "best.safetensors"
+METRICS_FILE = "metrics.json"
 
 
 def pick_device(name: str) -> torch.device:
@@ -367,12 +368,12 @@ def _best_info(
 
 
 def finish(out: Path, recipe, width, dev, amp, history, train_seconds, val: Split, data, n_train) -> dict:
-    from training.evaluate import evaluate_model
+    from training.evaluate import evaluate_tta_modes, summary
     from training.plots import plot_confusion, plot_curves
     from worker.model import load_checkpoint
 
     model, info = load_checkpoint(out / BEST_FILE, dev)
-    results = {tta: evaluate_model(model, info, val, tta, amp=amp) for tta in ("none", "flip", "tencrop")}
+    results = evaluate_tta_modes(model, info, val, amp)
     best_epoch = max(history, key=lambda r: r["val_acc_tta"])["epoch"]
     metrics = {
         "recipe": recipe.name,
@@ -387,7 +388,7 @@ def finish(out: Path, recipe, width, dev, amp, history, train_seconds, val: Spli
         "train_images": n_train,
         "train_seconds": round(train_seconds, 1),
         "images_per_s": round(sum(r["images_per_s"] for r in history) / max(1, len(history)), 1),
-        "val": {tta: {k: r[k] for k in ("accuracy", "per_class", "n")} for tta, r in results.items()},
+        "val": summary(results),
         "val_confusion": results["none"]["confusion"],
         "classes": list(info.classes),
         "init": info.extra.get("init"),
@@ -395,7 +396,7 @@ def finish(out: Path, recipe, width, dev, amp, history, train_seconds, val: Spli
         "data": str(data),
         "history": history,
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     plot_curves(history, out / "curves.png")
     plot_confusion(results["none"]["confusion"], list(info.classes), out / "confusion.png")
     print(

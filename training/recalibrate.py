@@ -23,10 +23,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from worker.model import CheckpointError, ResNet9, load_checkpoint, save_checkpoint
-
-BEST_FILE = "best.safetensors"  # as written by training.fit
-METRICS_FILE = "metrics.json"
+from training.fit import BEST_FILE, METRICS_FILE, pick_device
+from worker.model import ResNet9, load_checkpoint, save_checkpoint
 
 
 @torch.no_grad()
@@ -46,7 +44,8 @@ def recalibrate_batchnorm(
     ``mean`` and ``std`` (of pixels in [0, 1]) as the model's checkpoint says;
     each one is mirrored with probability 1/2 when ``mirror``. The statistics are
     the averages of the batches' statistics, every batch of ``batch_size`` images
-    counting the same (BatchNorm's cumulative mode), taken with dropout off. Weights are not touched; the model is left in eval mode.
+    counting the same (BatchNorm's cumulative mode), taken with dropout off.
+    Weights are not touched; the model is left in eval mode.
     """
     if images.dim() == 3:
         images = images.unsqueeze(1)
@@ -87,18 +86,13 @@ def recalibrate(
     Returns the val/ results before and after, by TTA mode.
     """
     from training.data import load_split
-    from training.evaluate import evaluate_model
-    from training.fit import pick_device
+    from training.evaluate import evaluate_tta_modes, summary
+    from training.export import run_checkpoint, run_metrics
     from training.plots import plot_confusion
     from worker.classify import autocast_dtype
 
     run, out = Path(run), Path(out)
-    source = run / BEST_FILE if run.is_dir() else run
-    if not source.is_file():
-        raise CheckpointError(
-            f"{run}: no checkpoint to recalibrate; pass the --out folder of an 'emotion-train fit' run "
-            "or a checkpoint file"
-        )
+    source = run_checkpoint(run)
     if out.resolve() == source.parent.resolve():
         raise ValueError(f"{out}: write the recalibrated model to another folder than the run it comes from")
     dev = pick_device(device)
@@ -111,15 +105,13 @@ def recalibrate(
     if images is not None and images < len(pixels):
         pixels = pixels[torch.randperm(len(pixels), generator=gen)[:images]]
 
-    metrics_path = source.parent / METRICS_FILE
-    metrics = json.loads(metrics_path.read_text()) if source.name == BEST_FILE and metrics_path.is_file() else None
-    modes = ("none", "flip", "tencrop")
+    metrics = run_metrics(source, info)
     # A finished fit run has scored its checkpoint on val/ already (ten-crop alone takes minutes on a CPU).
     before = (metrics or {}).get("val")
     if before is None:
-        before = _scores({tta: evaluate_model(model, info, val, tta, amp=amp) for tta in modes})
+        before = summary(evaluate_tta_modes(model, info, val, amp))
     recalibrate_batchnorm(model, pixels, info.mean, info.std, generator=gen, amp=amp)
-    after = {tta: evaluate_model(model, info, val, tta, amp=amp) for tta in modes}
+    after = evaluate_tta_modes(model, info, val, amp)
 
     info = replace(
         info,
@@ -135,15 +127,11 @@ def recalibrate(
     save_checkpoint(model, info, out / BEST_FILE)
     if metrics is not None:
         metrics["val_before_recalibration"] = before
-        metrics["val"] = _scores(after)
+        metrics["val"] = summary(after)
         metrics["val_confusion"] = after["none"]["confusion"]
         metrics["recalibration"] = {"run": str(run), "train_images": len(pixels), "seed": seed, "data": str(data)}
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
         if (source.parent / "curves.png").is_file():
             shutil.copy(source.parent / "curves.png", out / "curves.png")
         plot_confusion(after["none"]["confusion"], list(info.classes), out / "confusion.png")
-    return {"before": before, "after": _scores(after), "train_images": len(pixels)}
-
-
-def _scores(results: dict) -> dict:
-    return {tta: {k: r[k] for k in ("accuracy", "per_class", "n")} for tta, r in results.items()}
+    return {"before": before, "after": summary(after), "train_images": len(pixels)}

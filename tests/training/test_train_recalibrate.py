@@ -129,7 +129,7 @@ def test_missing_checkpoint_and_overwriting_the_run_are_refused(best_run, small_
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["recalibrate", "--run", str(empty), "--data", str(small_fer), "--out", str(tmp_path / "o")]) == 2
-    assert f"{empty}: no checkpoint to recalibrate" in capsys.readouterr().err
+    assert f"{empty}: no best.safetensors in this folder" in capsys.readouterr().err
     before = (best_run / "best.safetensors").read_bytes()
     assert main(["recalibrate", "--run", str(best_run), "--data", str(small_fer), "--out", str(best_run)]) == 2
     assert "another folder than the run" in capsys.readouterr().err
