@@ -92,6 +92,8 @@ def recalibrate(
     from worker.classify import autocast_dtype
 
     run, out = Path(run), Path(out)
+    if images is not None and images < 1:
+        raise ValueError(f"--images must be at least 1, got {images}")
     source = run_checkpoint(run)
     if out.resolve() == source.parent.resolve():
         raise ValueError(f"{out}: write the recalibrated model to another folder than the run it comes from")

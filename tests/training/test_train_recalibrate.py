@@ -123,6 +123,10 @@ def test_images_limits_the_train_images(best_run, small_fer, tmp_path, capsys):
     assert "100 train/ images" in capsys.readouterr().out
     assert "100 clean" in load_checkpoint(out / "best.safetensors")[1].extra["recalibrated"]
     assert (out / "best.safetensors").is_file() and not (out / "metrics.json").exists()
+    for bad in ("0", "-5"):  # -5 must not quietly mean all but the last five
+        assert main(["recalibrate", "--run", str(bare), "--data", str(small_fer), "--out", str(tmp_path / "x"),
+                     "--images", bad]) == 2
+        assert f"--images must be at least 1, got {bad}" in capsys.readouterr().err
 
 
 def test_missing_checkpoint_and_overwriting_the_run_are_refused(best_run, small_fer, tmp_path, capsys):
