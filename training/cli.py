@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dropout", type=float, help="dropout rate while training (default: the recipe's, 0.5)")
     p.add_argument("--init", type=Path,
                    help="start from this checkpoint's weights (a warm restart); a narrower one is widened to --width")
+    p.add_argument("--augment", choices=["recipe", "light"], default="recipe",
+                   help="training augmentation: the recipe's, or light (flips and shifts of up to 2 pixels only, "
+                        "the views test-time augmentation shows), for a short final polish with --init")
 
     p = sub.add_parser("evaluate", help="score a checkpoint on a labelled folder or CSV")
     p.add_argument("--weights", type=Path, help="checkpoint (default: the bundled model)")
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fit(args) -> int:
-    from training.fit import RECIPES, fit
+    from training.fit import LIGHT_AUGMENT, RECIPES, fit
 
     recipe = RECIPES[args.recipe]
     if args.epochs:
@@ -82,6 +85,8 @@ def _fit(args) -> int:
         if not 0 <= args.dropout < 1:
             raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
         recipe = replace(recipe, dropout=args.dropout)
+    if args.augment == "light":
+        recipe = replace(recipe, augment=LIGHT_AUGMENT)
     fit(args.data, args.out, recipe, width=args.width, device=args.device, resume=args.resume,
         limit=args.limit, seed=args.seed, init=args.init)
     return 0

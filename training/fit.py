@@ -91,6 +91,10 @@ RECIPES = {
     ),
 }
 
+# Flips and small shifts only: close to the views the worker's test-time augmentation
+# shows (the mirror image, ten-crop's 2-pixel shifts). For a short polish of a trained model.
+LIGHT_AUGMENT = Augment(flip=True, shift_px=2)
+
 STATE_FILE = "train_state.safetensors"
 BEST_FILE = "best.safetensors"
 METRICS_FILE = "metrics.json"

@@ -233,3 +233,23 @@ def test_resume_takes_a_state_from_before_the_dropout_setting_as_dropout_one_hal
         main([*args, "--dropout", "0.2"])
     assert main(args) == 0
     assert json.loads((out / "metrics.json").read_text())["history"][0]["epoch"] == 1
+
+
+def test_light_augmentation_changes_training_and_is_recorded(seed_run, small_fer, tmp_path):
+    out = tmp_path / "run"
+    assert main(["fit", "--data", str(small_fer), "--out", str(out), "--recipe", "seed", *TINY_FIT,
+                 "--augment", "light"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    augment = metrics["hyperparameters"]["augment"]
+    assert augment["flip"] is True and augment["shift_px"] == 2
+    assert augment["rotate_deg"] == 0 and augment["scale"] == 0 and augment["erase_p"] == 0
+    # Same seed and data order as seed_run, whose recipe rotates by up to 30 degrees.
+    reference = json.loads((seed_run / "metrics.json").read_text())
+    assert reference["hyperparameters"]["augment"]["rotate_deg"] == 30
+    assert metrics["history"][0]["loss"] != pytest.approx(reference["history"][0]["loss"], rel=1e-2)
+
+    # The augmentation is part of the recipe a resumed run must match.
+    args = ["fit", "--data", str(small_fer), "--out", str(out), "--recipe", "seed", *TINY_FIT, "--resume"]
+    with pytest.raises(SystemExit, match="another recipe or width"):
+        main(args)
+    assert main([*args, "--augment", "light"]) == 0
