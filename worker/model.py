@@ -29,11 +29,46 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or does not describe a usable model."""
 
 
+class _CPUELU(torch.autograd.Function):
+    """ELU as max(exp(min(x, 0)) - 1, x), with the gradient taken from the output."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = torch.maximum(x.clamp(max=0).exp_().sub_(1), x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        return grad * y.clamp(max=0).add_(1)  # d/dx is 1 where x > 0, exp(x) = y + 1 elsewhere
+
+
+class ELU(nn.ELU):
+    """ELU (alpha 1) that is fast on the CPU as well.
+
+    PyTorch's CPU ELU runs at the speed of its ``expm1``, about a third of
+    ``exp``'s: on the 2-core AMD EPYC of the README's benchmarks it took 37% of
+    a full-width forward pass in bf16. The same function written with ``exp``,
+    ``clamp`` and ``maximum`` is about three times faster there; it differs only
+    in the rounding of ``exp(x) - 1`` near zero, and it always returns a new
+    tensor. Other devices keep PyTorch's own kernel.
+    """
+
+    def __init__(self, inplace: bool = False):
+        super().__init__(alpha=1.0, inplace=inplace)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            return _CPUELU.apply(x)
+        return super().forward(x)
+
+
 def conv_block(cin: int, cout: int, pool: bool = False) -> nn.Sequential:
     layers: list[nn.Module] = [
         nn.Conv2d(cin, cout, kernel_size=3, padding=1),
         nn.BatchNorm2d(cout),
-        nn.ELU(inplace=True),
+        ELU(inplace=True),
     ]
     if pool:
         layers.append(nn.MaxPool2d(2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 
@@ -14,6 +15,7 @@ from worker.model import (
     CLASSES,
     FER_MEAN,
     FER_STD,
+    ELU,
     CheckpointError,
     ModelInfo,
     ResNet9,
@@ -295,7 +297,7 @@ def test_parameter_count_at_full_width():
 
 def conv_block_parts(block: nn.Sequential, cin: int, cout: int, pool: bool) -> None:
     kinds = [type(m) for m in block]
-    assert kinds == [nn.Conv2d, nn.BatchNorm2d, nn.ELU] + ([nn.MaxPool2d] if pool else [])
+    assert kinds == [nn.Conv2d, nn.BatchNorm2d, ELU] + ([nn.MaxPool2d] if pool else [])
     conv, bn = block[0], block[1]
     assert (conv.in_channels, conv.out_channels) == (cin, cout)
     assert conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.stride == (1, 1) and conv.bias is not None
@@ -352,6 +354,68 @@ def test_output_shape_small_width_and_classes():
     assert model.classifier[2].in_features == 64
     with torch.no_grad():
         assert model(torch.randn(6, 1, 48, 48)).shape == (6, 4)
+
+
+# --- ELU --------------------------------------------------------------------------------------------
+
+
+def test_elu_matches_torch_elu_on_the_cpu_including_extremes():
+    x = torch.cat([torch.randn(10_000) * 4, torch.tensor([-1e30, -80.0, -1e-6, 0.0, 1e-6, 1e30, float("inf")])])
+    assert torch.allclose(ELU()(x), nn.functional.elu(x), rtol=1e-6, atol=1e-7)
+    assert ELU()(torch.tensor(float("-inf"))).item() == -1.0
+    assert ELU()(torch.tensor(float("nan"))).isnan()
+
+
+def test_elu_in_bfloat16_is_within_bfloat16_rounding():
+    x = (torch.randn(10_000) * 4).bfloat16()
+    exact = nn.functional.elu(x.float())
+    fast = ELU()(x)
+    assert fast.dtype == torch.bfloat16
+    # exp(x) is computed in bf16, whose steps are 2**-8 just below 1, before 1 is subtracted: one step off at most
+    assert (fast.float() - exact).abs().max() <= 2**-8
+    assert torch.equal(fast[x > 0], x[x > 0])
+
+
+def test_elu_gradient():
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ELU(), (x,))
+    x = torch.randn(1000, requires_grad=True)
+    ELU()(x).sum().backward()
+    assert torch.allclose(x.grad, torch.where(x > 0, 1.0, x.detach().exp()), rtol=1e-6)
+
+
+def test_elu_keeps_the_torch_kernel_off_the_cpu(monkeypatch):
+    from worker import model as model_module
+
+    def cpu_kernel(x):
+        raise AssertionError("the CPU kernel ran for a tensor on another device")
+
+    monkeypatch.setattr(model_module._CPUELU, "apply", cpu_kernel)
+    out = ELU(inplace=True)(torch.empty(2, 3, device="meta"))
+    assert out.device.type == "meta" and out.shape == (2, 3)
+    with pytest.raises(AssertionError, match="CPU kernel"):
+        ELU()(torch.zeros(2))
+
+
+def test_model_outputs_and_gradients_match_torch_elu():
+    """The network with PyTorch's ELU in place of ours: same outputs and weight gradients."""
+    model = trained_like().train()
+    reference = copy.deepcopy(model)
+    for block in reference.modules():
+        for name, child in block.named_children():
+            if isinstance(child, ELU):
+                setattr(block, name, nn.ELU())
+    x = torch.randn(4, 1, 48, 48)
+    outs = []
+    for m in (model, reference):
+        m.zero_grad()
+        torch.manual_seed(0)  # the same dropout masks
+        out = m(x)
+        out.square().sum().backward()
+        outs.append((out, m.conv1[0].weight.grad))
+    (out, grad), (ref_out, ref_grad) = outs
+    assert torch.allclose(out, ref_out, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(grad, ref_grad, rtol=1e-3, atol=1e-5)
 
 
 def test_dropout_is_active_only_in_training():
