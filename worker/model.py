@@ -47,12 +47,11 @@ class _CPUELU(torch.autograd.Function):
 class ELU(nn.ELU):
     """ELU (alpha 1) that is fast on the CPU as well.
 
-    PyTorch's CPU ELU runs at the speed of its ``expm1``, about a third of
-    ``exp``'s: on the 2-core AMD EPYC of the README's benchmarks it took 37% of
-    a full-width forward pass in bf16. The same function written with ``exp``,
-    ``clamp`` and ``maximum`` is about three times faster there; it differs only
-    in the rounding of ``exp(x) - 1`` near zero, and it always returns a new
-    tensor. Other devices keep PyTorch's own kernel.
+    PyTorch's CPU ELU is slow: with this one a full-width forward pass in bf16
+    runs about a quarter faster on the 2-core AMD EPYC of the README's
+    benchmarks (``benchmarks/model.py``). It differs only in the rounding of
+    ``exp(x) - 1`` near zero, and it always returns a new tensor. Other devices
+    keep PyTorch's own kernel.
     """
 
     def __init__(self, inplace: bool = False):
