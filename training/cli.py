@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", type=Path, help="checkpoint (default: the bundled model)")
     p.add_argument("--data", required=True, type=Path, help="class folders, a folder with val/, or fer2013.csv")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
-    p.add_argument("--tta", nargs="?", const="tencrop", default="none", choices=["none", "flip", "tencrop"],
+    p.add_argument("--tta", nargs="?", const="tencrop", default="none",
+                   choices=["none", "flip", "tencrop", "rotate"],
                    help="test-time augmentation (--tta alone means tencrop)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -44,7 +44,7 @@ def evaluate_model(
 
 
 def evaluate_tta_modes(model: ResNet9, info: ModelInfo, split: Split, amp: torch.dtype | None = None) -> dict:
-    """:func:`evaluate_model` for each test-time augmentation (``none``, ``flip``, ``tencrop``), by mode."""
+    """:func:`evaluate_model` for each test-time augmentation (:data:`TTA_MODES`), by mode."""
     return {tta: evaluate_model(model, info, split, tta, amp=amp) for tta in TTA_MODES}
 
 

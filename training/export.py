@@ -103,9 +103,10 @@ def exported_info(info: ModelInfo, metrics: dict | None, now: datetime | None = 
 
     Added keys (all strings): ``recipe``, ``epochs``, ``best_epoch``, ``device``,
     ``train_minutes``, ``train_images``, ``val_acc``, ``val_acc_flip``,
-    ``val_acc_tencrop`` (fractions correct on val/ without TTA, with flip, with
-    ten-crop), ``val_n`` (images), ``val_per_class`` (JSON: class to fraction,
-    no TTA), ``hyperparameters`` (JSON), ``data`` and ``exported`` (ISO 8601, UTC).
+    ``val_acc_tencrop``, ``val_acc_rotate`` (fractions correct on val/ without
+    TTA, with flip, with ten-crop, with rotate), ``val_n`` (images),
+    ``val_per_class`` (JSON: class to fraction, no TTA), ``hyperparameters``
+    (JSON), ``data`` and ``exported`` (ISO 8601, UTC).
     """
     now = now or datetime.now(timezone.utc)
     extra = dict(info.extra)
@@ -121,7 +122,8 @@ def exported_info(info: ModelInfo, metrics: dict | None, now: datetime | None = 
             data=str(metrics.get("data", extra.get("data", ""))),
             hyperparameters=json.dumps(metrics.get("hyperparameters", {}), sort_keys=True),
         )
-        for tta, key in (("none", "val_acc"), ("flip", "val_acc_flip"), ("tencrop", "val_acc_tencrop")):
+        for tta, key in (("none", "val_acc"), ("flip", "val_acc_flip"), ("tencrop", "val_acc_tencrop"),
+                         ("rotate", "val_acc_rotate")):
             if tta in val:
                 extra[key] = f"{val[tta]['accuracy']:.4f}"
         if "none" in val:

@@ -405,7 +405,8 @@ def finish(out: Path, recipe, width, dev, amp, history, train_seconds, val: Spli
     plot_confusion(results["none"]["confusion"], list(info.classes), out / "confusion.png")
     print(
         f"best epoch {best_epoch}: val accuracy {results['none']['accuracy']:.4f}, "
-        f"flip {results['flip']['accuracy']:.4f}, ten-crop {results['tencrop']['accuracy']:.4f}; "
+        f"flip {results['flip']['accuracy']:.4f}, ten-crop {results['tencrop']['accuracy']:.4f}, "
+        f"rotate {results['rotate']['accuracy']:.4f}; "
         f"{train_seconds / 60:.1f} min of training; wrote {out / BEST_FILE}",
         flush=True,
     )

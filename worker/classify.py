@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from worker.model import ModelInfo, ResNet9
 
-TTA_MODES = ("none", "flip", "tencrop")
+TTA_MODES = ("none", "flip", "tencrop", "rotate")
+ROTATE_DEG = 8.0  # the rotate mode's angle: two thirds of the best recipe's largest training rotation (12 degrees)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -28,7 +31,9 @@ def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
     ``none``: the batch itself; ``flip``: it and its mirror; ``tencrop``: five
     positions (centre and the four diagonal 2-pixel shifts, edges reflected)
     each with its mirror: the ten-crop of the literature for a network whose
-    input size is fixed.
+    input size is fixed; ``rotate``: the batch and its rotations by
+    ±:data:`ROTATE_DEG` degrees (bilinear, edges reflected, as the training
+    augmentation warps), each with its mirror.
     """
     if mode == "none":
         return [x]
@@ -39,7 +44,19 @@ def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
         h, w = x.shape[-2:]
         crops = [x] + [pad[..., dy : dy + h, dx : dx + w] for dy in (0, 4) for dx in (0, 4)]
         return crops + [c.flip(-1) for c in crops]
+    if mode == "rotate":
+        turned = [x, rotate(x, -ROTATE_DEG), rotate(x, ROTATE_DEG)]
+        return turned + [t.flip(-1) for t in turned]
     raise ValueError(f"unknown test-time augmentation {mode!r}, expected one of {', '.join(TTA_MODES)}")
+
+
+def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
+    """A float batch (B, C, H, W) rotated about its centre, positive degrees counter-clockwise on screen."""
+    a = math.radians(degrees)
+    # affine_grid maps output to input positions (x right, y down): the inverse of the turn on screen
+    theta = x.new_tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]]).expand(len(x), 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 @torch.inference_mode()

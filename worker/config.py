@@ -99,8 +99,10 @@ class Model(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on a CPU that has it, bf16 or fp16 on CUDA, else fp32."
     )
-    tta: Literal["none", "flip", "tencrop"] = Field(
-        "flip", description="Test-time augmentation per face: flip averages the face and its mirror image."
+    tta: Literal["none", "flip", "tencrop", "rotate"] = Field(
+        "flip",
+        description="Test-time augmentation per face: flip averages the face and its mirror image; "
+        "tencrop adds 2-pixel shifts (10 views), rotate adds turns of ±8 degrees (6 views).",
     )
     batch_size: int = Field(32, ge=1, le=1024, description="Most faces classified in one batch.")
     max_wait_ms: float = Field(5.0, ge=0, le=1000, description="Longest wait for more faces to fill a batch, in ms.")

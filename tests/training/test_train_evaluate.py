@@ -39,7 +39,7 @@ def evaluate_json(capsys, *args: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("tta", ["none", "flip", "tencrop"])
+@pytest.mark.parametrize("tta", ["none", "flip", "tencrop", "rotate"])
 def test_accuracy_of_a_model_that_always_says_happy(tmp_path, happy_and_sad, capsys, tta):
     weights = constant_model(tmp_path / "happy.safetensors", "happy")
     result = evaluate_json(capsys, "--weights", str(weights), "--data", str(happy_and_sad), "--tta", tta)

@@ -62,6 +62,7 @@ def test_export_metadata_comes_from_the_run(best_run, tmp_path):
     assert extra["val_acc"] == f"{val['none']['accuracy']:.4f}"
     assert extra["val_acc_flip"] == f"{val['flip']['accuracy']:.4f}"
     assert extra["val_acc_tencrop"] == f"{val['tencrop']['accuracy']:.4f}"
+    assert extra["val_acc_rotate"] == f"{val['rotate']['accuracy']:.4f}"
     assert extra["val_n"] == str(val["none"]["n"])
     per_class = json.loads(extra["val_per_class"])
     assert per_class == val["none"]["per_class"] and set(per_class) == set(CLASSES)

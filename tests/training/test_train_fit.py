@@ -48,7 +48,7 @@ def check_run(out, recipe: str, epochs: int = 1) -> dict:
     # The minutes of this run up to the epoch kept, so a warm restart from it can count them.
     seconds = sum(r["seconds"] for r in metrics["history"][: metrics["best_epoch"]])
     assert float(info.extra["train_minutes"]) == pytest.approx(seconds / 60, abs=0.051)
-    assert set(metrics["val"]) == {"none", "flip", "tencrop"}
+    assert set(metrics["val"]) == {"none", "flip", "tencrop", "rotate"}
     # --limit 300 validates on max(300 // 4, 50) = 75 of the 84 val images.
     for result in metrics["val"].values():
         assert set(result) == {"accuracy", "per_class", "n"}

@@ -31,7 +31,7 @@ def test_gpu_script_trains_both_recipes_from_a_packed_file(small_fer, tmp_path):
         assert info.extra["recipe"] == recipe and info.width == 0.125
         assert {"curves.png", "confusion.png", "metrics.json"} <= {p.name for p in run.iterdir()}
         val = json.loads((run / "metrics.json").read_text())["val"]
-        assert set(val) == {"none", "flip", "tencrop"}
+        assert set(val) == {"none", "flip", "tencrop", "rotate"}
         assert val["tencrop"]["n"] > 0 and set(val["tencrop"]["per_class"]) <= set(CLASSES)
         assert "epoch   1/1" in (out / f"{recipe}-w0.125.log").read_text()
     assert "best: " in (out / "device.txt").read_text()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 import worker.model
-from worker.classify import TTA_MODES, Classifier, autocast_dtype, predict, tta_views
+from worker.classify import ROTATE_DEG, TTA_MODES, Classifier, autocast_dtype, predict, rotate, tta_views
 from worker.config import Model
 from worker.model import CheckpointError, load_checkpoint
 
@@ -95,23 +97,33 @@ def test_flip_of_an_asymmetric_input_averages_both_views(tiny, crops):
                                rtol=1e-5, atol=1e-6)
 
 
-def test_tencrop_of_a_flat_input_equals_no_tta(tiny):
+@pytest.mark.parametrize("mode", ["tencrop", "rotate"])
+def test_shifts_and_turns_of_a_flat_input_equal_no_tta(tiny, mode):
     model, info = tiny
     x = torch.full((2, 48, 48), 140, dtype=torch.uint8)
-    torch.testing.assert_close(predict(model, info, x, tta="tencrop"), predict(model, info, x, tta="none"),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(predict(model, info, x, tta=mode), predict(model, info, x, tta="none"),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_rotate_averages_the_six_views(tiny, crops):
+    model, info = tiny
+    x = (crops.unsqueeze(1).float().div(255) - info.mean) / info.std
+    with torch.inference_mode():
+        expected = torch.stack([model(v).softmax(1) for v in tta_views(x, "rotate")]).mean(0)
+    torch.testing.assert_close(predict(model, info, crops, tta="rotate"), expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(expected, predict(model, info, crops, tta="flip"), atol=1e-4)
 
 
 def test_unknown_tta(tiny, crops):
     model, info = tiny
-    with pytest.raises(ValueError, match="unknown test-time augmentation 'rotate'"):
-        predict(model, info, crops, tta="rotate")
+    with pytest.raises(ValueError, match="unknown test-time augmentation 'mirror'"):
+        predict(model, info, crops, tta="mirror")
 
 
 # --- tta_views ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode, count", [("none", 1), ("flip", 2), ("tencrop", 10)])
+@pytest.mark.parametrize("mode, count", [("none", 1), ("flip", 2), ("tencrop", 10), ("rotate", 6)])
 def test_tta_views_count_and_shape(mode, count):
     x = torch.randn(3, 1, 48, 48)
     views = tta_views(x, mode)
@@ -138,8 +150,37 @@ def test_tencrop_views_are_shifts_and_their_mirrors():
         assert torch.equal(mirror, plain.flip(-1))
 
 
+def test_rotate_views_are_turns_and_their_mirrors():
+    x = torch.randn(2, 1, 48, 48)
+    views = tta_views(x, "rotate")
+    torch.testing.assert_close(views[1], rotate(x, -ROTATE_DEG))
+    torch.testing.assert_close(views[2], rotate(x, ROTATE_DEG))
+    for plain, mirror in zip(views[:3], views[3:]):
+        assert torch.equal(mirror, plain.flip(-1))
+    # A blob centred on the image is unchanged by a turn about that centre; an asymmetric image is not.
+    grid = torch.arange(48.0) - 23.5
+    blob = torch.exp(-(grid.view(-1, 1) ** 2 + grid.view(1, -1) ** 2) / 50).expand(1, 1, 48, 48)
+    torch.testing.assert_close(rotate(blob, ROTATE_DEG), blob, atol=0.01, rtol=0)
+    assert (views[1] - x).abs().mean() > 0.1
+
+
+def test_rotate_turns_counter_clockwise_on_screen():
+    x = torch.zeros(1, 1, 48, 48)
+    x[..., 24, 40] = 1  # right of the centre (23.5, 23.5)
+    row, col = divmod(rotate(x, 90).flatten().argmax().item(), 48)
+    assert (row, col) == (7, 24)  # above it
+    row, col = divmod(rotate(x, -90).flatten().argmax().item(), 48)
+    assert (row, col) == (40, 23)  # below it
+    # By ROTATE_DEG (8), the dot moves up by about 16.5 * sin(8 degrees) = 2.3 pixels.
+    turned = rotate(x, ROTATE_DEG)[0, 0]
+    rows = torch.arange(48.0)
+    centre_row = (turned.sum(1) * rows).sum() / turned.sum()
+    assert centre_row == pytest.approx(24 - 16.5 * math.sin(math.radians(ROTATE_DEG)), abs=0.3)
+    assert torch.equal(rotate(x, 0), x)
+
+
 def test_tta_views_unknown_mode():
-    with pytest.raises(ValueError, match="none, flip, tencrop"):
+    with pytest.raises(ValueError, match="none, flip, tencrop, rotate"):
         tta_views(torch.zeros(1, 1, 48, 48), "five")
 
 

@@ -153,7 +153,7 @@ def test_unknown_env_section_with_nested_key(monkeypatch):
         ("EMOTION_MQTT__PORT", "70000", "mqtt.port", "65535"),
         ("EMOTION_MQTT__PORT", "0", "mqtt.port", "greater than or equal to 1"),
         ("EMOTION_MQTT__PROTOCOL", "4", "mqtt.protocol", "'4'"),
-        ("EMOTION_MODEL__TTA", "rotate", "model.tta", "'rotate'"),
+        ("EMOTION_MODEL__TTA", "mirror", "model.tta", "'mirror'"),
         ("EMOTION_DETECTOR__KIND", "dlib", "detector.kind", "'dlib'"),
         ("EMOTION_PIPELINE__MAX_PIXELS", "10", "pipeline.max_pixels", "1024"),
         ("EMOTION_LOG__LEVEL", "verbose", "log.level", "'verbose'"),
@@ -323,7 +323,7 @@ def test_changed_settings_round_trip_through_toml(tmp_path, monkeypatch):
     settings = load_settings(
         mqtt={"host": "broker \"quoted\" \\ lan", "port": 8883, "protocol": "3.1.1", "reconnect_min_s": 0.25},
         topics={"frames": ["$share/g/emotion/frames/+", "site/+/cam"]},
-        model={"weights": "/models/m.safetensors", "tta": "tencrop"},
+        model={"weights": "/models/m.safetensors", "tta": "rotate"},
         detector={"kind": "yunet", "yunet_model": "/models/yunet.onnx", "score_threshold": 0.55},
         pipeline={"publish_empty": True},
     )
