@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains the full-width models on a CUDA machine in one go and leaves each run
-# (checkpoints, metrics.json with the val/ accuracy without TTA, with flip and
-# with ten-crop, curves, confusion matrix and the log) under $OUT, and the best
+# (checkpoints, metrics.json with the val/ accuracy without TTA, with flip, with
+# ten-crop and with rotate, curves, confusion matrix and the log) under $OUT, and the best
 # run's model recalibrated (emotion-train recalibrate) beside it. Needs only
 # python3 with torch, numpy, opencv, safetensors, matplotlib and tqdm: it runs
 # from the source tree, uninstalled.

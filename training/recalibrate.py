@@ -86,10 +86,10 @@ def recalibrate(
     Returns the val/ results before and after, by TTA mode.
     """
     from training.data import load_split
-    from training.evaluate import evaluate_tta_modes, summary
+    from training.evaluate import evaluate_model, evaluate_tta_modes, summary
     from training.export import run_checkpoint, run_metrics
     from training.plots import plot_confusion
-    from worker.classify import autocast_dtype
+    from worker.classify import TTA_MODES, autocast_dtype
 
     run, out = Path(run), Path(out)
     if images is not None and images < 1:
@@ -108,10 +108,11 @@ def recalibrate(
         pixels = pixels[torch.randperm(len(pixels), generator=gen)[:images]]
 
     metrics = run_metrics(source, info)
-    # A finished fit run has scored its checkpoint on val/ already (ten-crop alone takes minutes on a CPU).
-    before = (metrics or {}).get("val")
-    if before is None:
-        before = summary(evaluate_tta_modes(model, info, val, amp))
+    # A finished fit run has scored its checkpoint on val/ already (ten-crop alone takes minutes on a CPU);
+    # only the modes it has no score for (a run from before the mode existed) are scored now.
+    before = dict((metrics or {}).get("val") or {})
+    missing = [tta for tta in TTA_MODES if tta not in before]
+    before.update(summary({tta: evaluate_model(model, info, val, tta, amp=amp) for tta in missing}))
     recalibrate_batchnorm(model, pixels, info.mean, info.std, generator=gen, amp=amp)
     after = evaluate_tta_modes(model, info, val, amp)
 

@@ -14,6 +14,7 @@ from tests.training.conftest import fer_images
 from training.cli import main
 from training.export import export
 from training.recalibrate import recalibrate_batchnorm
+from worker.classify import TTA_MODES
 from worker.model import ResNet9, load_checkpoint
 
 MEAN, STD = 0.5, 0.25
@@ -112,6 +113,25 @@ def test_recalibrated_run_is_scored_and_exportable(best_run, small_fer, tmp_path
     exported = load_checkpoint(export(out, tmp_path / "model.safetensors"))[1]
     assert exported.version.endswith("-best-w0.125-e1-bn")
     assert exported.extra["val_acc_flip"] == f"{metrics['val']['flip']['accuracy']:.4f}"
+
+
+def test_a_run_scored_before_a_tta_mode_existed_gets_that_mode_scored(best_run, small_fer, tmp_path, capsys):
+    old = tmp_path / "old-run"
+    shutil.copytree(best_run, old)
+    metrics = json.loads((old / "metrics.json").read_text())
+    del metrics["val"]["rotate"]
+    (old / "metrics.json").write_text(json.dumps(metrics))
+    out = tmp_path / "bn"
+    assert main(["recalibrate", "--run", str(old), "--data", str(small_fer), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    assert "rotate" in capsys.readouterr().out
+    before = json.loads((out / "metrics.json").read_text())["val_before_recalibration"]
+    assert set(before) == set(TTA_MODES)
+    assert before["flip"] == metrics["val"]["flip"]  # recorded scores are kept, not recomputed
+    # The missing one is the original checkpoint's own score.
+    assert main(["evaluate", "--weights", str(old / "best.safetensors"), "--data", str(small_fer),
+                 "--tta", "rotate", "--json", "--device", "cpu"]) == 0
+    assert before["rotate"]["accuracy"] == json.loads(capsys.readouterr().out)["accuracy"]
 
 
 def test_images_limits_the_train_images(best_run, small_fer, tmp_path, capsys):
