@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from training.fit import BEST_FILE, METRICS_FILE, epochs_behind, lineage
-from worker.classify import predict
+from worker.classify import TTA_MODES, predict, val_acc_key
 from worker.model import BUNDLED_WEIGHTS, CheckpointError, ModelInfo, load_checkpoint, save_checkpoint
 
 MAX_BYTES = 25_000_000  # the bundled model ships inside the package and the image
@@ -122,10 +122,9 @@ def exported_info(info: ModelInfo, metrics: dict | None, now: datetime | None = 
             data=str(metrics.get("data", extra.get("data", ""))),
             hyperparameters=json.dumps(metrics.get("hyperparameters", {}), sort_keys=True),
         )
-        for tta, key in (("none", "val_acc"), ("flip", "val_acc_flip"), ("tencrop", "val_acc_tencrop"),
-                         ("rotate", "val_acc_rotate")):
+        for tta in TTA_MODES:
             if tta in val:
-                extra[key] = f"{val[tta]['accuracy']:.4f}"
+                extra[val_acc_key(tta)] = f"{val[tta]['accuracy']:.4f}"
         if "none" in val:
             extra["val_n"] = str(val["none"]["n"])
             extra["val_per_class"] = json.dumps(val["none"]["per_class"])

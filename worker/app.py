@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 from worker.broker import EmbeddedBroker
-from worker.classify import Classifier
+from worker.classify import Classifier, val_acc_key
 from worker.config import Settings
 from worker.faces import FaceDetector
 from worker.log import get_logger
@@ -31,7 +31,7 @@ class Worker:
         log.info("model loaded", path=str(classifier.path), name=info.name, version=info.version,
                  width=info.width, device=str(classifier.device), precision=classifier.precision, tta=classifier.tta,
                  # Accuracy on FER2013 val/ as recorded at export, with the TTA this worker uses.
-                 val_acc=info.extra.get("val_acc" if classifier.tta == "none" else f"val_acc_{classifier.tta}"))
+                 val_acc=info.extra.get(val_acc_key(classifier.tta)))
         # 2. The face detector.
         detector = FaceDetector(s.detector)
         log.info("face detector ready", kind=s.detector.kind, detect_width=s.detector.detect_width)

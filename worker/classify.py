@@ -13,6 +13,11 @@ TTA_MODES = ("none", "flip", "tencrop", "rotate")
 ROTATE_DEG = 8.0  # the rotate mode's angle: two thirds of the best recipe's largest training rotation (12 degrees)
 
 
+def val_acc_key(tta: str) -> str:
+    """The checkpoint metadata key of the val/ accuracy with test-time augmentation ``tta`` (see export)."""
+    return "val_acc" if tta == "none" else f"val_acc_{tta}"
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The reduced precision to run ``device`` in: bf16 or fp16 on CUDA, bf16 on a CPU that has it, else None."""
     if device.type == "cuda":
