@@ -200,7 +200,7 @@ class Pipeline:
             elif not job.boxes:
                 self.stats.add("no_face")
                 if self.settings.pipeline.publish_empty:
-                    self._publish(job.frame, [])
+                    self._publish_empty(job.frame)
                 self._done()
             else:
                 dropped = self.ready.put(job)
@@ -231,6 +231,14 @@ class Pipeline:
             boxes = self.detector.detect(frame.image)
             log.debug("frame decoded", size=f"{frame.image.shape[1]}x{frame.image.shape[0]}", faces=len(boxes))
         return Job(frame, boxes, crop_faces(frame.image, boxes))
+
+    def _publish_empty(self, frame: Frame) -> None:
+        try:
+            self._publish(frame, [])
+        except Exception as exc:  # as in inference: a failed publish costs this frame, not the thread
+            log.exception("publish failed", topic=frame.topic)
+            self._reject(frame.device_id, Message(frame.topic, b"", frame.received_at),
+                         FrameError("internal", f"publish failed: {exc!r}"))
 
     def _reject(self, device: str | None, msg: Message, err: FrameError) -> None:
         self.stats.reject(err.reason)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from worker.classify import Classifier
@@ -123,3 +124,24 @@ def test_an_internal_error_costs_one_frame_not_the_worker(make_pipeline, face_fr
     assert [e["reason"] for e in errors] == ["internal"]
     assert "boom" in errors[0]["message"]
     assert len(events) == 1
+
+
+def test_a_failed_publish_of_an_empty_event_costs_one_frame_not_the_thread(make_pipeline):
+    pipeline, classifier, events, errors = make_pipeline(threads=1, publish_empty=True)
+    calls = {"n": 0}
+
+    def flaky(event):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("broker gone")
+        events.append(event)
+
+    pipeline.publish_event = flaky
+    blank = encode_jpeg(np.full((120, 160, 3), 128, np.uint8))
+    pipeline.submit("emotion/frames/hall", blank, time.time())
+    assert pipeline.drain(20)
+    pipeline.submit("emotion/frames/hall", blank, time.time())
+    assert pipeline.drain(20)
+    assert [e["reason"] for e in errors] == ["internal"]
+    assert "broker gone" in errors[0]["message"]
+    assert [e["faces"] for e in events] == [[]]
