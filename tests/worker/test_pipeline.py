@@ -104,23 +104,31 @@ def test_frames_older_than_max_age_are_skipped(make_pipeline, face_frames):
     assert len(events) == 1
 
 
-def test_an_internal_error_costs_one_frame_not_the_worker(make_pipeline, face_frames):
-    pipeline, classifier, events, errors = make_pipeline()
-    real = classifier.inner.predict
+def fail_first(fn, message):
+    """``fn``, except that its first call raises RuntimeError(message)."""
     calls = {"n": 0}
 
-    def flaky(crops):
+    def wrapped(*args):
         calls["n"] += 1
         if calls["n"] == 1:
-            raise RuntimeError("boom")
-        return real(crops)
+            raise RuntimeError(message)
+        return fn(*args)
 
-    classifier.inner.predict = flaky
+    return wrapped
+
+
+def submit_one_by_one(pipeline, topic, payload, n):
+    """Submit ``payload`` ``n`` times, each after the one before has been handled."""
+    for _ in range(n):
+        pipeline.submit(topic, payload, time.time())
+        assert pipeline.drain(20)
+
+
+def test_an_internal_error_costs_one_frame_not_the_worker(make_pipeline, face_frames):
+    pipeline, classifier, events, errors = make_pipeline()
+    classifier.inner.predict = fail_first(classifier.inner.predict, "boom")
     jpeg = encode_jpeg(face_frames[0][0])
-    pipeline.submit("emotion/frames/kitchen", jpeg, time.time())
-    assert pipeline.drain(20)
-    pipeline.submit("emotion/frames/kitchen", jpeg, time.time())
-    assert pipeline.drain(20)
+    submit_one_by_one(pipeline, "emotion/frames/kitchen", jpeg, 2)
     assert [e["reason"] for e in errors] == ["internal"]
     assert "boom" in errors[0]["message"]
     assert len(events) == 1
@@ -128,20 +136,9 @@ def test_an_internal_error_costs_one_frame_not_the_worker(make_pipeline, face_fr
 
 def test_a_failed_publish_of_an_empty_event_costs_one_frame_not_the_thread(make_pipeline):
     pipeline, classifier, events, errors = make_pipeline(threads=1, publish_empty=True)
-    calls = {"n": 0}
-
-    def flaky(event):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("broker gone")
-        events.append(event)
-
-    pipeline.publish_event = flaky
+    pipeline.publish_event = fail_first(events.append, "broker gone")
     blank = encode_jpeg(np.full((120, 160, 3), 128, np.uint8))
-    pipeline.submit("emotion/frames/hall", blank, time.time())
-    assert pipeline.drain(20)
-    pipeline.submit("emotion/frames/hall", blank, time.time())
-    assert pipeline.drain(20)
+    submit_one_by_one(pipeline, "emotion/frames/hall", blank, 2)
     assert [e["reason"] for e in errors] == ["internal"]
     assert "broker gone" in errors[0]["message"]
     assert [e["faces"] for e in events] == [[]]
