@@ -200,7 +200,7 @@ class Pipeline:
             elif not job.boxes:
                 self.stats.add("no_face")
                 if self.settings.pipeline.publish_empty:
-                    self._publish_empty(job.frame)
+                    self._publish(job.frame, [])
                 self._done()
             else:
                 dropped = self.ready.put(job)
@@ -232,14 +232,6 @@ class Pipeline:
             log.debug("frame decoded", size=f"{frame.image.shape[1]}x{frame.image.shape[0]}", faces=len(boxes))
         return Job(frame, boxes, crop_faces(frame.image, boxes))
 
-    def _publish_empty(self, frame: Frame) -> None:
-        try:
-            self._publish(frame, [])
-        except Exception as exc:  # as in inference: a failed publish costs this frame, not the thread
-            log.exception("publish failed", topic=frame.topic)
-            self._reject(frame.device_id, Message(frame.topic, b"", frame.received_at),
-                         FrameError("internal", f"publish failed: {exc!r}"))
-
     def _reject(self, device: str | None, msg: Message, err: FrameError) -> None:
         self.stats.reject(err.reason)
         log.warning("frame rejected", device=device, topic=msg.topic, reason=err.reason, error=str(err))
@@ -248,6 +240,11 @@ class Pipeline:
             self.publish_error(record)
         except Exception:
             log.exception("could not publish error record")
+
+    def _frame_failed(self, frame: Frame, stage: str, exc: Exception) -> None:
+        """Report ``frame`` as lost to an internal error in ``stage`` (inference, publish)."""
+        self._reject(frame.device_id, Message(frame.topic, b"", frame.received_at),
+                     FrameError("internal", f"{stage} failed: {exc!r}"))
 
     # -- inference thread -------------------------------------------------------------------------
     def _infer_loop(self) -> None:
@@ -270,8 +267,7 @@ class Pipeline:
             except Exception as exc:
                 log.exception("inference failed", frames=len(jobs))
                 for job in jobs:
-                    self._reject(job.frame.device_id, Message(job.frame.topic, b"", job.frame.received_at),
-                                 FrameError("internal", f"inference failed: {exc!r}"))
+                    self._frame_failed(job.frame, "inference", exc)
             finally:
                 self._done(len(jobs))
 
@@ -286,8 +282,14 @@ class Pipeline:
             self._publish(job.frame, faces)
 
     def _publish(self, frame: Frame, faces: list[dict]) -> None:
-        event = make_event(frame, faces, self.classifier.info, time.time())
-        self.publish_event(event)
+        """Publish the event of ``frame``; a failure costs this frame only, in either thread."""
+        try:
+            event = make_event(frame, faces, self.classifier.info, time.time())
+            self.publish_event(event)
+        except Exception as exc:
+            log.exception("publish failed", topic=frame.topic)
+            self._frame_failed(frame, "publish", exc)
+            return
         self.stats.add("events")
         self.stats.latency(event["latency_ms"])
         log.info("event", device=frame.device_id, frame=frame.frame_id, emotion=event["emotion"],

@@ -134,11 +134,15 @@ def test_an_internal_error_costs_one_frame_not_the_worker(make_pipeline, face_fr
     assert len(events) == 1
 
 
-def test_a_failed_publish_of_an_empty_event_costs_one_frame_not_the_thread(make_pipeline):
+@pytest.mark.parametrize("with_face", [True, False], ids=["face", "no-face"])
+def test_a_failed_publish_costs_that_frame_not_the_thread(make_pipeline, face_frames, with_face):
+    # Events of frames with faces are published by the inference thread, those of faceless
+    # frames (publish_empty) by a prepare thread.
     pipeline, classifier, events, errors = make_pipeline(threads=1, publish_empty=True)
     pipeline.publish_event = fail_first(events.append, "broker gone")
-    blank = encode_jpeg(np.full((120, 160, 3), 128, np.uint8))
-    submit_one_by_one(pipeline, "emotion/frames/hall", blank, 2)
+    image = face_frames[0][0] if with_face else np.full((120, 160, 3), 128, np.uint8)
+    submit_one_by_one(pipeline, "emotion/frames/hall", encode_jpeg(image), 2)
     assert [e["reason"] for e in errors] == ["internal"]
-    assert "broker gone" in errors[0]["message"]
-    assert [e["faces"] for e in events] == [[]]
+    assert "publish failed" in errors[0]["message"] and "broker gone" in errors[0]["message"]
+    assert len(events) == 1
+    assert bool(events[0]["faces"]) == with_face
