@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--augment", choices=["recipe", "light"], default="recipe",
                    help="training augmentation: the recipe's, or light (flips and shifts of up to 2 pixels only, "
                         "the views test-time augmentation shows), for a short final polish with --init")
+    p.add_argument("--keep-epochs", action="store_true",
+                   help="also write each epoch's checkpoint to OUT/epochs/, for `emotion-train average`")
 
     p = sub.add_parser("evaluate", help="score a checkpoint on a labelled folder or CSV")
     p.add_argument("--weights", type=Path, help="checkpoint (default: the bundled model)")
@@ -54,6 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("average", help="average the weights of several checkpoints of one model (SWA, model soup)")
+    p.add_argument("--weights", required=True, type=Path, nargs="+",
+                   help="two or more checkpoints, or fit run folders, that share a starting point")
+    p.add_argument("--data", required=True, type=Path,
+                   help="folder with train/ and val/, or fer2013.csv: BatchNorm is recalibrated on train/, "
+                        "the average scored on val/")
+    p.add_argument("--out", required=True, type=Path, help="folder for the averaged run")
+    p.add_argument("--images", type=int, help="recalibrate on this many train/ images, chosen at random (default: all)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("pack", help="write train/ and val/ into one .npz, to carry to a GPU machine")
     p.add_argument("--data", required=True, type=Path, help="folder with train/ and val/, or fer2013.csv")
     p.add_argument("--out", required=True, type=Path, help="the .npz to write")
@@ -68,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             return _pack(args)
         if args.command == "recalibrate":
             return _recalibrate(args)
+        if args.command == "average":
+            return _average(args)
         return _export(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"emotion-train {args.command}: {exc}", file=sys.stderr)
@@ -89,7 +104,7 @@ def _fit(args) -> int:
     if args.augment == "light":
         recipe = replace(recipe, augment=LIGHT_AUGMENT)
     fit(args.data, args.out, recipe, width=args.width, device=args.device, resume=args.resume,
-        limit=args.limit, seed=args.seed, init=args.init)
+        limit=args.limit, seed=args.seed, init=args.init, keep_epochs=args.keep_epochs)
     return 0
 
 
@@ -135,6 +150,18 @@ def _recalibrate(args) -> int:
     print(f"BatchNorm statistics recomputed on {result['train_images']} train/ images; val accuracy before -> after:")
     for tta in after:
         print(f"  {tta:8s} {before[tta]['accuracy']:.4f} -> {after[tta]['accuracy']:.4f}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _average(args) -> int:
+    from training.average import average
+
+    metrics = average(args.weights, args.data, args.out, images=args.images, device=args.device, seed=args.seed)
+    print(f"mean of {len(metrics['averaged'])} checkpoints, BatchNorm recalibrated on "
+          f"{metrics['recalibration']['train_images']} train/ images; val accuracy:")
+    for tta, result in metrics["val"].items():
+        print(f"  {tta:8s} {result['accuracy']:.4f}")
     print(f"wrote {args.out}")
     return 0
 

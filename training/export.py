@@ -98,8 +98,9 @@ def exported_info(info: ModelInfo, metrics: dict | None, now: datetime | None = 
     The version is ``YYYY.MM.DD-<recipe>-w<width>-e<epochs>``, the epochs counting
     all the training behind the weights (warm restarts included), so that two
     models exported on one day tell themselves apart in every event; ``-e<epochs>``
-    is left out when the checkpoint does not record its epochs, and ``-bn`` is added
-    when ``emotion-train recalibrate`` recomputed its BatchNorm statistics.
+    is left out when the checkpoint does not record its epochs, ``-avg<n>`` is added
+    when ``emotion-train average`` made it from ``n`` checkpoints, and ``-bn`` when
+    its BatchNorm statistics were recomputed (``recalibrate``, ``average``).
 
     Added keys (all strings): ``recipe``, ``epochs``, ``best_epoch``, ``device``,
     ``train_minutes``, ``train_images``, ``val_acc``, ``val_acc_flip``,
@@ -133,6 +134,8 @@ def exported_info(info: ModelInfo, metrics: dict | None, now: datetime | None = 
     version = f"{now:%Y.%m.%d}-{recipe}-w{info.width:g}"
     if epochs := epochs_behind(extra):
         version += f"-e{epochs}"
+    if "averaged" in extra:
+        version += f"-avg{len(json.loads(extra['averaged']))}"  # mean of that many checkpoints' weights
     if "recalibrated" in extra:
         version += "-bn"  # same weights as the run's, other BatchNorm statistics: another model
     return replace(info, version=version, extra=extra)

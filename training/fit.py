@@ -96,8 +96,14 @@ RECIPES = {
 LIGHT_AUGMENT = Augment(flip=True, shift_px=2)
 
 STATE_FILE = "train_state.safetensors"
+EPOCHS_DIR = "epochs"  # where --keep-epochs writes each epoch's checkpoint
 BEST_FILE = "best.safetensors"
 METRICS_FILE = "metrics.json"
+
+
+def epoch_file(epoch: int) -> str:
+    """The file name ``--keep-epochs`` gives the checkpoint of ``epoch`` (1-based) inside ``EPOCHS_DIR``."""
+    return f"epoch-{epoch:03d}.safetensors"
 
 
 def pick_device(name: str) -> torch.device:
@@ -224,12 +230,15 @@ def fit(
     limit: int | None = None,
     seed: int = 0,
     init: str | Path | None = None,
+    keep_epochs: bool = False,
 ) -> dict:
     """Train, writing the training state, ``best.safetensors``, ``metrics.json`` and plots into ``out``.
 
     ``limit`` trains on a stratified subset of that many images (for smoke tests).
     ``init`` starts from the weights of that checkpoint instead of from scratch
-    (a second, warm-restarted schedule on a finished run).
+    (a second, warm-restarted schedule on a finished run). ``keep_epochs`` also
+    writes the checkpoint of every epoch (the EMA weights where the recipe keeps
+    them) as ``epochs/epoch-NNN.safetensors``, for ``emotion-train average``.
     Returns the metrics written to ``metrics.json``.
     """
     out = Path(out)
@@ -329,10 +338,12 @@ def fit(
             "seconds": epoch_seconds,
         }
         history.append(row)
+        epoch_info = _best_info(info, recipe, row, len(train), data, dev, train_seconds, init, init_info)
+        if keep_epochs:
+            save_checkpoint(kept, epoch_info, out / EPOCHS_DIR / epoch_file(epoch + 1))
         if chosen > best_acc:
             best_acc = chosen
-            best_info = _best_info(info, recipe, row, len(train), data, dev, train_seconds, init, init_info)
-            save_checkpoint(kept, best_info, out / BEST_FILE)
+            save_checkpoint(kept, epoch_info, out / BEST_FILE)
         save_state(state_path, model, ema, opt, gen, recipe, width, epoch + 1, history, best_acc, train_seconds)
         print(
             f"epoch {epoch + 1:3d}/{recipe.epochs} loss {row['loss']:.4f} train {row['train_acc']:.4f} "
