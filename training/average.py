@@ -102,7 +102,7 @@ def average(
     from training.evaluate import evaluate_tta_modes, summary
     from training.export import run_checkpoint
     from training.plots import plot_confusion
-    from training.recalibrate import recalibrate_batchnorm
+    from training.recalibrate import recalibrate_batchnorm, train_faces
     from worker.classify import autocast_dtype
 
     out = Path(out)
@@ -127,12 +127,9 @@ def average(
     info = infos[base]
     del loaded
 
-    train = load_split(data, "train", info.classes)
     val = load_split(data, "val", info.classes)
     gen = torch.Generator().manual_seed(seed)
-    pixels = train.images
-    if images is not None and images < len(pixels):
-        pixels = pixels[torch.randperm(len(pixels), generator=gen)[:images]]
+    pixels = train_faces(data, info.classes, images, gen)
     recalibrate_batchnorm(model, pixels, info.mean, info.std, generator=gen, amp=amp)
     results = evaluate_tta_modes(model, info, val, amp)
 
@@ -168,7 +165,7 @@ def average(
         "epochs": int(extra.get("epochs") or 0),
         "best_epoch": int(extra.get("best_epoch") or extra.get("epoch") or 0),
         "device": run_metrics.get("device", extra.get("device", "")),
-        "train_images": int(extra.get("train_images") or len(train)),
+        "train_images": int(extra.get("train_images") or len(pixels)),
         "train_seconds": round(seconds, 1),
         "val": summary(results),
         "val_confusion": results["none"]["confusion"],

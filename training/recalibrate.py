@@ -74,6 +74,16 @@ def recalibrate_batchnorm(
         model.eval()
 
 
+def train_faces(data: Path, classes, images: int | None, generator: torch.Generator) -> torch.Tensor:
+    """The uint8 faces of ``data``'s train/ split to recalibrate on: all, or ``images`` of them drawn with ``generator``."""
+    from training.data import load_split
+
+    pixels = load_split(data, "train", classes).images
+    if images is not None and images < len(pixels):
+        pixels = pixels[torch.randperm(len(pixels), generator=generator)[:images]]
+    return pixels
+
+
 def recalibrate(
     run: Path, data: Path, out: Path, images: int | None = None, device: str = "auto", seed: int = 0
 ) -> dict:
@@ -100,12 +110,9 @@ def recalibrate(
     dev = pick_device(device)
     amp = autocast_dtype(dev)
     model, info = load_checkpoint(source, dev)
-    train = load_split(data, "train", info.classes)
     val = load_split(data, "val", info.classes)
     gen = torch.Generator().manual_seed(seed)
-    pixels = train.images
-    if images is not None and images < len(pixels):
-        pixels = pixels[torch.randperm(len(pixels), generator=gen)[:images]]
+    pixels = train_faces(data, info.classes, images, gen)
 
     metrics = run_metrics(source, info)
     # A finished fit run has scored its checkpoint on val/ already (ten-crop alone takes minutes on a CPU);
