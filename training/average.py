@@ -127,9 +127,9 @@ def average(
     info = infos[base]
     del loaded
 
-    val = load_split(data, "val", info.classes)
+    train, val = load_split(data, "train", info.classes), load_split(data, "val", info.classes)
     gen = torch.Generator().manual_seed(seed)
-    pixels = train_faces(data, info.classes, images, gen)
+    pixels = train_faces(train, images, gen)
     recalibrate_batchnorm(model, pixels, info.mean, info.std, generator=gen, amp=amp)
     results = evaluate_tta_modes(model, info, val, amp)
 
@@ -165,7 +165,7 @@ def average(
         "epochs": int(extra.get("epochs") or 0),
         "best_epoch": int(extra.get("best_epoch") or extra.get("epoch") or 0),
         "device": run_metrics.get("device", extra.get("device", "")),
-        "train_images": int(extra.get("train_images") or len(pixels)),
+        "train_images": int(extra.get("train_images") or len(train)),
         "train_seconds": round(seconds, 1),
         "val": summary(results),
         "val_confusion": results["none"]["confusion"],

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from training.data import Split
 from training.fit import BEST_FILE, METRICS_FILE, pick_device
 from worker.model import ResNet9, load_checkpoint, save_checkpoint
 
@@ -74,11 +75,9 @@ def recalibrate_batchnorm(
         model.eval()
 
 
-def train_faces(data: Path, classes, images: int | None, generator: torch.Generator) -> torch.Tensor:
-    """The uint8 faces of ``data``'s train/ split to recalibrate on: all, or ``images`` of them drawn with ``generator``."""
-    from training.data import load_split
-
-    pixels = load_split(data, "train", classes).images
+def train_faces(train: Split, images: int | None, generator: torch.Generator) -> torch.Tensor:
+    """The uint8 faces of the train/ split to recalibrate on: all, or ``images`` of them drawn with ``generator``."""
+    pixels = train.images
     if images is not None and images < len(pixels):
         pixels = pixels[torch.randperm(len(pixels), generator=generator)[:images]]
     return pixels
@@ -110,9 +109,9 @@ def recalibrate(
     dev = pick_device(device)
     amp = autocast_dtype(dev)
     model, info = load_checkpoint(source, dev)
-    val = load_split(data, "val", info.classes)
+    train, val = load_split(data, "train", info.classes), load_split(data, "val", info.classes)
     gen = torch.Generator().manual_seed(seed)
-    pixels = train_faces(data, info.classes, images, gen)
+    pixels = train_faces(train, images, gen)
 
     metrics = run_metrics(source, info)
     # A finished fit run has scored its checkpoint on val/ already (ten-crop alone takes minutes on a CPU);
