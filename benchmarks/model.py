@@ -85,14 +85,19 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
     dev = torch.device(args.device)
-    print(f"device {dev}, precision {autocast_dtype(dev) or 'fp32'}, batch {args.batch}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"device {dev}, precision {autocast_dtype(dev) or 'fp32'}, batch {args.batch}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     for width in args.width:
         for torch_elu in (False, True):
             inference, training = measure(width, torch_elu, args.batch, args.steps, dev)
             elu = "nn.ELU" if torch_elu else "ELU"
-            print(f"  width {width:<4}  {elu:<6}  inference {inference:6.1f} images/s   "
-                  f"training {training:6.1f} images/s", flush=True)
+            print(
+                f"  width {width:<4}  {elu:<6}  inference {inference:6.1f} images/s   "
+                f"training {training:6.1f} images/s",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

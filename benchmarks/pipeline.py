@@ -32,14 +32,15 @@ sys.path.insert(0, str(REPO))
 from tests.conftest import Mosquitto, free_port  # noqa: E402
 from worker.app import Worker  # noqa: E402
 from worker.classify import TTA_MODES, Classifier  # noqa: E402
-from worker.config import Model, load_settings  # noqa: E402
+from worker.config import ModelSettings, load_settings  # noqa: E402
 from worker.faces import FaceDetector, crop_faces  # noqa: E402
 from worker.frames import decode_payload, encode_jpeg  # noqa: E402
 from worker.log import setup_logging  # noqa: E402
 
 # The full data set next to the checkout when there is one, else the images kept for the tests.
 FER = next(
-    d for d in (REPO.parent / "shared" / "data" / "fer2013", REPO / "tests" / "data" / "fer2013-mini")
+    d
+    for d in (REPO.parent / "shared" / "data" / "fer2013", REPO / "tests" / "data" / "fer2013-mini")
     if (d / "val" / "happy").is_dir()
 )
 
@@ -102,8 +103,13 @@ def end_to_end(settings, frame: np.ndarray, frames: int, fps: float) -> None:
 
 
 def _end_to_end(settings, frame, frames: int, fps: float, port: int, kind: str, overrides: dict) -> None:
-    s = load_settings(None, model=settings.model.model_dump(), detector=settings.detector.model_dump(),
-                      pipeline={**settings.pipeline.model_dump(), "stats_interval_s": 0}, **overrides)
+    s = load_settings(
+        None,
+        model=settings.model.model_dump(),
+        detector=settings.detector.model_dump(),
+        pipeline={**settings.pipeline.model_dump(), "stats_interval_s": 0},
+        **overrides,
+    )
     worker = Worker(s)
     worker.start()
     assert worker.link.wait_connected(20), "worker did not connect"
@@ -130,9 +136,11 @@ def _end_to_end(settings, frame, frames: int, fps: float, port: int, kind: str, 
     for i in range(frames):
         time.sleep(max(0.0, t0 + i / fps - time.time()))
         sent[f"b-{i}"] = time.time()
-        pub.publish("emotion/frames/bench", json.dumps({
-            "image": base64.b64encode(jpeg).decode(), "frame_id": f"b-{i}",
-            "captured_at": sent[f"b-{i}"]}), qos=0)
+        pub.publish(
+            "emotion/frames/bench",
+            json.dumps({"image": base64.b64encode(jpeg).decode(), "frame_id": f"b-{i}", "captured_at": sent[f"b-{i}"]}),
+            qos=0,
+        )
     done.wait(10.0)
     elapsed = (max(got.values()) if got else time.time()) - t0
     lat = sorted((got[k] - sent[k]) * 1000 for k in got)
@@ -141,28 +149,41 @@ def _end_to_end(settings, frame, frames: int, fps: float, port: int, kind: str, 
     sub.loop_stop()
     pub.loop_stop()
     rate = f"{fps:g} frames/s offered"
-    print(f"end to end through {kind}: {frames} frames {rate}, {len(got)} events, "
-          f"{stats.get('dropped', 0)} dropped, {stats.get('stale', 0)} stale")
+    print(
+        f"end to end through {kind}: {frames} frames {rate}, {len(got)} events, "
+        f"{stats.get('dropped', 0)} dropped, {stats.get('stale', 0)} stale"
+    )
     if lat:
         print(f"  throughput {len(got) / elapsed:6.1f} events/s (first frame published to last event)")
-        print(f"  latency    p50 {statistics.median(lat):6.1f} ms   p95 {lat[int(len(lat) * 0.95) - 1]:6.1f} ms   "
-              f"max {lat[-1]:6.1f} ms")
+        print(
+            f"  latency    p50 {statistics.median(lat):6.1f} ms   p95 {lat[int(len(lat) * 0.95) - 1]:6.1f} ms   "
+            f"max {lat[-1]:6.1f} ms"
+        )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", type=Path, help="checkpoint (default: the bundled model)")
     ap.add_argument("--seconds", type=float, default=10, help="length of each end-to-end run")
-    ap.add_argument("--fps", type=float, nargs="+", default=[100.0, 5.0],
-                    help="offered frame rates: a high one measures capacity (frames beyond it are shed), "
-                         "a low one latency")
-    ap.add_argument("--tta", choices=TTA_MODES, default=Model.model_fields["tta"].default,
-                    help="test-time augmentation (default: the worker's, %(default)s)")
+    ap.add_argument(
+        "--fps",
+        type=float,
+        nargs="+",
+        default=[100.0, 5.0],
+        help="offered frame rates: a high one measures capacity (frames beyond it are shed), a low one latency",
+    )
+    ap.add_argument(
+        "--tta",
+        choices=TTA_MODES,
+        default=ModelSettings.model_fields["tta"].default,
+        help="test-time augmentation (default: the worker's, %(default)s)",
+    )
     ap.add_argument("--threads", type=int, default=2, help="pipeline threads (decode and detect)")
     args = ap.parse_args()
     setup_logging("warning", "console")
-    settings = load_settings(None, model={"weights": args.weights, "tta": args.tta},
-                             pipeline={"threads": args.threads, "queue_size": 8})
+    settings = load_settings(
+        None, model={"weights": args.weights, "tta": args.tta}, pipeline={"threads": args.threads, "queue_size": 8}
+    )
     frame = test_frame()
     stages(settings, frame)
     for fps in args.fps:

@@ -35,9 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline import REPO, test_frame  # noqa: E402
 
 from tests.conftest import Mosquitto  # noqa: E402
-
 from worker.classify import TTA_MODES  # noqa: E402
-from worker.config import Model  # noqa: E402
+from worker.config import ModelSettings  # noqa: E402
 from worker.frames import encode_jpeg  # noqa: E402
 
 MAX_PAYLOAD = 300_000  # bytes; the worker's pipeline.max_payload_bytes in this run
@@ -51,7 +50,7 @@ def payloads(frame: np.ndarray) -> list[tuple[str, bytes]]:
     return [("face", envelope)] * 6 + [
         ("no face", blank),
         ("truncated JPEG", face[: len(face) // 2]),
-        ("not JSON", b"{\"image\": "),
+        ("not JSON", b'{"image": '),
         ("oversized", b"\xff\xd8" + os.urandom(MAX_PAYLOAD)),
     ]
 
@@ -79,7 +78,7 @@ def main() -> None:
     ap.add_argument("--sample-s", type=float, default=30, help="seconds between samples (default 30)")
     ap.add_argument("--warmup-s", type=float, default=60, help="growth is measured after this (default 60)")
     ap.add_argument("--weights", type=Path, help="checkpoint (default: the bundled model)")
-    ap.add_argument("--tta", choices=TTA_MODES, default=Model.model_fields["tta"].default)
+    ap.add_argument("--tta", choices=TTA_MODES, default=ModelSettings.model_fields["tta"].default)
     args = ap.parse_args()
     if not Path("/proc/self/status").exists():
         raise SystemExit("soak.py reads the worker's memory from Linux /proc")
@@ -91,16 +90,23 @@ def main() -> None:
         raise SystemExit(f"soak.py: {exc}") from None
     broker.start()
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMOTION_")}
-    env.update(EMOTION_MQTT__PORT=str(broker.port), EMOTION_MQTT__RECONNECT_MIN_S="0.5",
-               EMOTION_MQTT__RECONNECT_MAX_S="2", EMOTION_MODEL__TTA=args.tta, EMOTION_LOG__FORMAT="json",
-               EMOTION_PIPELINE__MAX_PAYLOAD_BYTES=str(MAX_PAYLOAD), EMOTION_PIPELINE__STATS_INTERVAL_S="0",
-               PYTHONUNBUFFERED="1")
+    env.update(
+        EMOTION_MQTT__PORT=str(broker.port),
+        EMOTION_MQTT__RECONNECT_MIN_S="0.5",
+        EMOTION_MQTT__RECONNECT_MAX_S="2",
+        EMOTION_MODEL__TTA=args.tta,
+        EMOTION_LOG__FORMAT="json",
+        EMOTION_PIPELINE__MAX_PAYLOAD_BYTES=str(MAX_PAYLOAD),
+        EMOTION_PIPELINE__STATS_INTERVAL_S="0",
+        PYTHONUNBUFFERED="1",
+    )
     if args.weights:
         env["EMOTION_MODEL__WEIGHTS"] = str(args.weights)
     log_path = work / "worker.log"
     with open(log_path, "w") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "run"], env=env, cwd=REPO,
-                                  stdout=log, stderr=subprocess.STDOUT)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "run"], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+        )
 
     counts = {"events": 0, "errors": 0}
 
@@ -137,8 +143,10 @@ def main() -> None:
 
     publisher = threading.Thread(target=publish, daemon=True)
     publisher.start()
-    print(f"worker pid {worker.pid}, Mosquitto on port {broker.port}, {args.fps:g} frames/s for "
-          f"{args.minutes:g} min, {args.broker_restarts} broker restarts, TTA {args.tta}; log {log_path}")
+    print(
+        f"worker pid {worker.pid}, Mosquitto on port {broker.port}, {args.fps:g} frames/s for "
+        f"{args.minutes:g} min, {args.broker_restarts} broker restarts, TTA {args.tta}; log {log_path}"
+    )
     print(f"{'s':>6} {'frames':>8} {'events':>8} {'errors':>7} {'RSS MB':>8} {'threads':>7} {'fds':>4}")
     rows = []
     t0 = time.monotonic()
@@ -152,8 +160,11 @@ def main() -> None:
         if elapsed >= next_sample:
             rss, threads, fds = sample(worker.pid)
             rows.append((elapsed, sent["n"], rss, threads, fds))
-            print(f"{elapsed:6.0f} {sent['n']:8d} {counts['events']:8d} {counts['errors']:7d} {rss:8.1f} "
-                  f"{threads:7d} {fds:4d}", flush=True)
+            print(
+                f"{elapsed:6.0f} {sent['n']:8d} {counts['events']:8d} {counts['errors']:7d} {rss:8.1f} "
+                f"{threads:7d} {fds:4d}",
+                flush=True,
+            )
             next_sample += args.sample_s
         if worker.poll() is not None:
             raise SystemExit(f"the worker exited with {worker.returncode}; its log:\n{log_path.read_text()[-3000:]}")
@@ -172,14 +183,23 @@ def main() -> None:
     hours = [r[0] / 3600 for r in after]
     per_hour = slope(hours, [r[2] for r in after])
     per_kframe = slope([r[1] / 1000 for r in after], [r[2] for r in after])
-    print(f"RSS after warm-up {after[0][2]:.1f} MB, at the end {rows[-1][2]:.1f} MB: "
-          f"{per_hour:+.1f} MB an hour, {per_kframe * 1024:+.1f} KB per 1,000 frames (least squares)")
-    print(f"threads {min(r[3] for r in after)}-{max(r[3] for r in after)}, "
-          f"open files {min(r[4] for r in after)}-{max(r[4] for r in after)}")
+    print(
+        f"RSS after warm-up {after[0][2]:.1f} MB, at the end {rows[-1][2]:.1f} MB: "
+        f"{per_hour:+.1f} MB an hour, {per_kframe * 1024:+.1f} KB per 1,000 frames (least squares)"
+    )
+    print(
+        f"threads {min(r[3] for r in after)}-{max(r[3] for r in after)}, "
+        f"open files {min(r[4] for r in after)}-{max(r[4] for r in after)}"
+    )
     stopped = [json.loads(line) for line in log_path.read_text().splitlines() if '"stopped"' in line]
-    print(f"worker exit code {code}; its counts: " + (json.dumps({k: v for k, v in stopped[-1].items()
-                                                                  if k not in ("event", "level", "timestamp")})
-                                                      if stopped else "no 'stopped' line in its log"))
+    print(
+        f"worker exit code {code}; its counts: "
+        + (
+            json.dumps({k: v for k, v in stopped[-1].items() if k not in ("event", "level", "timestamp")})
+            if stopped
+            else "no 'stopped' line in its log"
+        )
+    )
 
 
 if __name__ == "__main__":

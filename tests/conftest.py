@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from worker.config import Detector
+from worker.config import DetectorSettings
 from worker.faces import FaceDetector
 from worker.model import ModelInfo, ResNet9, save_checkpoint
 
@@ -95,7 +95,7 @@ def face_frames() -> list[tuple[np.ndarray, tuple[int, int, int, int]]]:
 
     Only faces the Haar cascade finds are kept; returns (frame, (x, y, w, h) of the paste).
     """
-    detector = FaceDetector(Detector())
+    detector = FaceDetector(DetectorSettings())
     frames = []
     for path in sorted((FER / "val" / "happy").glob("*.jpg")):
         face = cv2.resize(cv2.imread(str(path), cv2.IMREAD_GRAYSCALE), (160, 160), interpolation=cv2.INTER_CUBIC)
@@ -212,7 +212,9 @@ def publisher(port: int):
     return client
 
 
-needs_proc = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread signal masks from Linux /proc")
+needs_proc = pytest.mark.skipif(
+    not Path("/proc/self/task").is_dir(), reason="reads thread signal masks from Linux /proc"
+)
 
 
 def signals_blocked_by_other_threads(pid: int) -> dict[str, set[int]]:

@@ -14,8 +14,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fit", help="train a ResNet9 on FER2013")
-    p.add_argument("--data", required=True, type=Path,
-                   help="folder with train/ and val/, fer2013.csv, or a .npz from `emotion-train pack`")
+    p.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="folder with train/ and val/, fer2013.csv, or a .npz from `emotion-train pack`",
+    )
     p.add_argument("--out", required=True, type=Path, help="output folder (checkpoints, metrics, plots)")
     p.add_argument("--recipe", choices=["seed", "best"], default="best")
     p.add_argument("--epochs", type=int, help="number of epochs (default: the recipe's)")
@@ -26,21 +30,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
     p.add_argument("--dropout", type=float, help="dropout rate while training (default: the recipe's, 0.5)")
-    p.add_argument("--init", type=Path,
-                   help="start from this checkpoint's weights (a warm restart); a narrower one is widened to --width")
-    p.add_argument("--augment", choices=["recipe", "light"], default="recipe",
-                   help="training augmentation: the recipe's, or light (flips and shifts of up to 2 pixels only, "
-                        "the views test-time augmentation shows), for a short final polish with --init")
-    p.add_argument("--keep-epochs", action="store_true",
-                   help="also write each epoch's checkpoint to OUT/epochs/, for `emotion-train average`")
+    p.add_argument(
+        "--init",
+        type=Path,
+        help="start from this checkpoint's weights (a warm restart); a narrower one is widened to --width",
+    )
+    p.add_argument(
+        "--augment",
+        choices=["recipe", "light"],
+        default="recipe",
+        help="training augmentation: the recipe's, or light (flips and shifts of up to 2 pixels only, "
+        "the views test-time augmentation shows), for a short final polish with --init",
+    )
+    p.add_argument(
+        "--keep-epochs",
+        action="store_true",
+        help="also write each epoch's checkpoint to OUT/epochs/, for `emotion-train average`",
+    )
 
     p = sub.add_parser("evaluate", help="score a checkpoint on a labelled folder or CSV")
     p.add_argument("--weights", type=Path, help="checkpoint (default: the bundled model)")
     p.add_argument("--data", required=True, type=Path, help="class folders, a folder with val/, or fer2013.csv")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
-    p.add_argument("--tta", nargs="?", const="tencrop", default="none",
-                   choices=["none", "flip", "tencrop", "rotate"],
-                   help="test-time augmentation (--tta alone means tencrop)")
+    p.add_argument(
+        "--tta",
+        nargs="?",
+        const="tencrop",
+        default="none",
+        choices=["none", "flip", "tencrop", "rotate"],
+        help="test-time augmentation (--tta alone means tencrop)",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -57,11 +76,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("average", help="average the weights of several checkpoints of one model (SWA, model soup)")
-    p.add_argument("--weights", required=True, type=Path, nargs="+",
-                   help="two or more checkpoints, or fit run folders, that share a starting point")
-    p.add_argument("--data", required=True, type=Path,
-                   help="folder with train/ and val/, or fer2013.csv: BatchNorm is recalibrated on train/, "
-                        "the average scored on val/")
+    p.add_argument(
+        "--weights",
+        required=True,
+        type=Path,
+        nargs="+",
+        help="two or more checkpoints, or fit run folders, that share a starting point",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="folder with train/ and val/, or fer2013.csv: BatchNorm is recalibrated on train/, "
+        "the average scored on val/",
+    )
     p.add_argument("--out", required=True, type=Path, help="folder for the averaged run")
     p.add_argument("--images", type=int, help="recalibrate on this many train/ images, chosen at random (default: all)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -103,8 +131,18 @@ def _fit(args) -> int:
         recipe = replace(recipe, dropout=args.dropout)
     if args.augment == "light":
         recipe = replace(recipe, augment=LIGHT_AUGMENT)
-    fit(args.data, args.out, recipe, width=args.width, device=args.device, resume=args.resume,
-        limit=args.limit, seed=args.seed, init=args.init, keep_epochs=args.keep_epochs)
+    fit(
+        args.data,
+        args.out,
+        recipe,
+        width=args.width,
+        device=args.device,
+        resume=args.resume,
+        limit=args.limit,
+        seed=args.seed,
+        init=args.init,
+        keep_epochs=args.keep_epochs,
+    )
     return 0
 
 
@@ -158,8 +196,10 @@ def _average(args) -> int:
     from training.average import average
 
     metrics = average(args.weights, args.data, args.out, images=args.images, device=args.device, seed=args.seed)
-    print(f"mean of {len(metrics['averaged'])} checkpoints, BatchNorm recalibrated on "
-          f"{metrics['recalibration']['train_images']} train/ images; val accuracy:")
+    print(
+        f"mean of {len(metrics['averaged'])} checkpoints, BatchNorm recalibrated on "
+        f"{metrics['recalibration']['train_images']} train/ images; val accuracy:"
+    )
     for tta, result in metrics["val"].items():
         print(f"  {tta:8s} {result['accuracy']:.4f}")
     print(f"wrote {args.out}")

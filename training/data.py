@@ -160,7 +160,7 @@ def pack(data: str | Path, out: str | Path, splits: tuple[str, ...] = ("train", 
             blobs = [cv2.imencode(".png", img)[1].tobytes() for img in s.images.numpy()]
             labels = s.labels.tolist()
         prefix = os.path.commonprefix(blobs) if blobs else b""
-        blobs = [b[len(prefix):] for b in blobs]
+        blobs = [b[len(prefix) :] for b in blobs]
         arrays[f"{split}_prefix"] = np.frombuffer(prefix, np.uint8)
         arrays[f"{split}_bytes"] = np.frombuffer(b"".join(blobs), np.uint8)
         arrays[f"{split}_offsets"] = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
@@ -182,6 +182,9 @@ def _load_npz(path: Path, split: str, classes: tuple[str, ...]) -> Split:
     unknown = [c for c in stored if c not in classes and (labels == stored.index(c)).any()]
     if unknown:
         raise DataError(f"{path}: classes {unknown} are not among the model's classes {list(classes)}")
-    images = [_decode(prefix + blob[a:b].tobytes(), f"{path} {split} image {i}") for i, (a, b) in enumerate(zip(offsets[:-1], offsets[1:]))]
+    images = [
+        _decode(prefix + blob[a:b].tobytes(), f"{path} {split} image {i}")
+        for i, (a, b) in enumerate(zip(offsets[:-1], offsets[1:]))
+    ]
     remap = np.array([classes.index(c) if c in classes else -1 for c in stored])
     return Split(torch.from_numpy(np.stack(images)), torch.from_numpy(remap[labels]), classes, str(path))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -109,7 +109,7 @@ def exported_info(info: ModelInfo, metrics: dict | None, now: datetime | None = 
     ``val_per_class`` (JSON: class to fraction, no TTA), ``hyperparameters``
     (JSON), ``data`` and ``exported`` (ISO 8601, UTC).
     """
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     extra = dict(info.extra)
     if metrics:
         val = metrics.get("val", {})
@@ -159,8 +159,10 @@ def _read_metrics(path: Path, info: ModelInfo) -> dict | None:
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: not the metrics.json of a finished fit run ({exc!r})") from None
     # The checkpoint records its own recipe and width; metrics from another run must not be attached to it.
-    if width != info.width or recipe != info.extra.get("recipe", recipe) or str(epochs) != info.extra.get(
-        "epochs", str(epochs)
+    if (
+        width != info.width
+        or recipe != info.extra.get("recipe", recipe)
+        or str(epochs) != info.extra.get("epochs", str(epochs))
     ):
         raise CheckpointError(
             f"{path}: describes a {recipe!r} run of width {width} and {epochs} epochs, but the checkpoint beside it "

@@ -15,7 +15,7 @@ import platform
 import sys
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -249,8 +249,10 @@ def fit(
     if limit:
         train = train.subset(limit, seed)
         val = val.subset(max(limit // 4, 50), seed)
-    print(f"data: {len(train)} train / {len(val)} val images from {data}; device {dev}, precision {amp or 'fp32'}",
-          file=sys.stderr)
+    print(
+        f"data: {len(train)} train / {len(val)} val images from {data}; device {dev}, precision {amp or 'fp32'}",
+        file=sys.stderr,
+    )
 
     torch.manual_seed(seed)
     model = ResNet9(len(CLASSES), width)
@@ -356,14 +358,21 @@ def fit(
 
 
 def _best_info(
-    info: ModelInfo, recipe: Recipe, row: dict, n_train: int, data, dev, train_seconds: float, init=None,
+    info: ModelInfo,
+    recipe: Recipe,
+    row: dict,
+    n_train: int,
+    data,
+    dev,
+    train_seconds: float,
+    init=None,
     init_info=None,
 ) -> ModelInfo:
     """Metadata of the checkpoint kept at ``row``'s epoch; ``train_minutes`` counts this run up to that epoch."""
     extra = {"init": str(init), **lineage(init_info)} if init_info is not None else {}
     return replace(
         info,
-        version=datetime.now(timezone.utc).strftime("%Y.%m.%d"),
+        version=datetime.now(UTC).strftime("%Y.%m.%d"),
         extra={
             "recipe": recipe.name,
             "epoch": str(row["epoch"]),
@@ -376,7 +385,7 @@ def _best_info(
             "data_split": "trained on train/, selected on val/ (PublicTest)",
             "device": str(dev),
             "train_minutes": f"{train_seconds / 60:.1f}",
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
             **extra,
         },
     )

@@ -34,8 +34,15 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i, r in enumerate(confusion):
         for j, v in enumerate(r):
-            ax.text(j, i, f"{v}\n{norm[i][j]:.0%}", ha="center", va="center", fontsize=8,
-                    color="white" if norm[i][j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{v}\n{norm[i][j]:.0%}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if norm[i][j] > 0.5 else "black",
+            )
     ax.set_xticks(range(len(classes)), classes, rotation=45)
     ax.set_yticks(range(len(classes)), classes)
     ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (val)")

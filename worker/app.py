@@ -11,6 +11,7 @@ from worker.faces import FaceDetector
 from worker.log import get_logger
 from worker.mqtt import MqttLink
 from worker.pipeline import Pipeline
+from worker.signals import wait_for_stop
 
 log = get_logger("emotion-worker")
 
@@ -28,10 +29,18 @@ class Worker:
         # 1. The model, warmed up, so the first frame is not slow and a bad checkpoint fails now.
         classifier = Classifier(s.model)
         info = classifier.info
-        log.info("model loaded", path=str(classifier.path), name=info.name, version=info.version,
-                 width=info.width, device=str(classifier.device), precision=classifier.precision, tta=classifier.tta,
-                 # Accuracy on FER2013 val/ as recorded at export, with the TTA this worker uses.
-                 val_acc=info.extra.get(val_acc_key(classifier.tta)))
+        log.info(
+            "model loaded",
+            path=str(classifier.path),
+            name=info.name,
+            version=info.version,
+            width=info.width,
+            device=str(classifier.device),
+            precision=classifier.precision,
+            tta=classifier.tta,
+            # Accuracy on FER2013 val/ as recorded at export, with the TTA this worker uses.
+            val_acc=info.extra.get(val_acc_key(classifier.tta)),
+        )
         # 2. The face detector.
         detector = FaceDetector(s.detector)
         log.info("face detector ready", kind=s.detector.kind, detect_width=s.detector.detect_width)
@@ -39,8 +48,12 @@ class Worker:
         if s.broker.embedded:
             self.broker = EmbeddedBroker(s.broker.host, s.broker.port)
             self.broker.start()
-            log.info("embedded broker listening (amqtt, MQTT 3.1.1; use a broker such as Mosquitto for MQTT 5 "
-                     "and shared subscriptions)", host=s.broker.host, port=s.broker.port)
+            log.info(
+                "embedded broker listening (amqtt, MQTT 3.1.1; use a broker such as Mosquitto for MQTT 5 "
+                "and shared subscriptions)",
+                host=s.broker.host,
+                port=s.broker.port,
+            )
         # 4. The pipeline threads, then the MQTT connection that feeds them.
         self.pipeline = Pipeline(
             s,
@@ -52,6 +65,12 @@ class Worker:
         self.pipeline.start()
         self.link = MqttLink(s, self.pipeline.submit)
         self.link.start()
+
+    def serve_until_signal(self) -> None:
+        """Serve until SIGTERM or SIGINT (held since start-up, see :mod:`worker.signals`), then stop."""
+        sig = wait_for_stop()
+        log.info("signal received", signal=sig.name)
+        self.stop()
 
     def stop(self, drain_timeout: float = 5.0) -> None:
         """Stop consuming, finish in-flight frames, publish offline, disconnect, stop threads."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import threading
 import time
@@ -22,8 +21,9 @@ def main(argv: list[str] | None = None) -> int:
         return p
 
     p = with_config(sub.add_parser("run", help="serve: frames from MQTT in, emotion events out"))
-    p.add_argument("--embedded-broker", action="store_true",
-                   help="start an in-process MQTT 3.1.1 broker (amqtt) and connect to it")
+    p.add_argument(
+        "--embedded-broker", action="store_true", help="start an in-process MQTT 3.1.1 broker (amqtt) and connect to it"
+    )
 
     p = with_config(sub.add_parser("classify", help="print the faces and emotions in image files"))
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("run", "watch"):
         # Before any import starts a thread (numpy's OpenBLAS, torch, paho, the pipeline).
+        from worker.signals import hold_stop_signals
+
         hold_stop_signals()
     from worker.config import ConfigError, load_settings
 
@@ -67,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"emotion-worker: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    return {"run": _run, "classify": _classify, "publish": _publish, "watch": _watch, "config": _config}[
-        args.command
-    ](settings, args)
+    return {"run": _run, "classify": _classify, "publish": _publish, "watch": _watch, "config": _config}[args.command](
+        settings, args
+    )
 
 
 def _run(settings, args) -> int:
@@ -83,7 +85,9 @@ def _run(settings, args) -> int:
     log = get_logger()
     if settings.broker.embedded:
         host = "127.0.0.1" if settings.broker.host in ("0.0.0.0", "::") else settings.broker.host
-        settings.mqtt = settings.mqtt.model_copy(update={"host": host, "port": settings.broker.port, "protocol": "3.1.1"})
+        settings.mqtt = settings.mqtt.model_copy(
+            update={"host": host, "port": settings.broker.port, "protocol": "3.1.1"}
+        )
     worker = Worker(settings)
     try:
         worker.start()
@@ -91,46 +95,8 @@ def _run(settings, args) -> int:
         log.error("cannot start", error=str(exc))
         worker.stop(drain_timeout=0)
         return EXIT_CONFIG
-    sig = wait_for_stop()
-    log.info("signal received", signal=sig.name)
-    worker.stop()
+    worker.serve_until_signal()
     return 0
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def hold_stop_signals() -> None:
-    """Block SIGTERM and SIGINT in this thread, and so in every thread it starts later.
-
-    Call it before any thread starts (``main`` does, for ``run`` and ``watch``),
-    native threads included; the signals then stay pending until
-    ``wait_for_stop`` takes them. No Python handler runs, and none can deadlock: a
-    handler that sets a ``threading.Event`` can be entered again by a second signal
-    while the first still holds the Event's lock, and the main thread then waits on
-    itself forever. ``timeout make run`` sends two SIGTERMs (one to the process
-    group, one from make), and people press Ctrl-C twice.
-    Signals that arrive after ``wait_for_stop`` returned stay pending and are ignored.
-    """
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-
-
-def wait_for_stop(done: threading.Event | None = None, timeout: float | None = None) -> signal.Signals | None:
-    """Wait for SIGTERM or SIGINT (held with ``hold_stop_signals``), for ``done``, or ``timeout`` seconds.
-
-    Returns the signal that came, or None when ``done`` was set or the time ran out.
-    """
-    if done is None and timeout is None:
-        return signal.Signals(signal.sigwait(STOP_SIGNALS))
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while done is None or not done.is_set():
-        step = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
-        if step <= 0:
-            return None
-        info = signal.sigtimedwait(STOP_SIGNALS, step)
-        if info is not None:
-            return signal.Signals(info.si_signo)
-    return None
 
 
 def _classify(settings, args) -> int:
@@ -143,8 +109,9 @@ def _classify(settings, args) -> int:
     from worker.model import CheckpointError
 
     setup_logging("warning", settings.log.format)
-    det = settings.detector.model_copy(update={k: v for k, v in (("kind", args.detector),
-                                                                   ("yunet_model", args.yunet_model)) if v})
+    det = settings.detector.model_copy(
+        update={k: v for k, v in (("kind", args.detector), ("yunet_model", args.yunet_model)) if v}
+    )
     model = settings.model.model_copy(update={"weights": args.weights} if args.weights else {})
     try:
         detector = FaceDetector(type(det).model_validate(det.model_dump()))
@@ -166,15 +133,27 @@ def _classify(settings, args) -> int:
         probs = classifier.predict(crop_faces(image, boxes)).tolist() if boxes else []
         faces = [face_record(b, p, classifier.info.classes) for b, p in zip(boxes, probs)]
         if args.json:
-            print(json.dumps({"image": str(path), "width": image.shape[1], "height": image.shape[0],
-                              "faces": faces, "emotion": faces[0]["emotion"] if faces else None}))
+            print(
+                json.dumps(
+                    {
+                        "image": str(path),
+                        "width": image.shape[1],
+                        "height": image.shape[0],
+                        "faces": faces,
+                        "emotion": faces[0]["emotion"] if faces else None,
+                    }
+                )
+            )
         elif not faces:
             print(f"{path}: no face found")
         else:
             for f in faces:
                 top = sorted(f["scores"].items(), key=lambda kv: -kv[1])[:3]
-                print(f"{path}: {f['emotion']} {f['confidence']:.2f} at {f['box']}  ("
-                      + ", ".join(f"{k} {v:.2f}" for k, v in top) + ")")
+                print(
+                    f"{path}: {f['emotion']} {f['confidence']:.2f} at {f['box']}  ("
+                    + ", ".join(f"{k} {v:.2f}" for k, v in top)
+                    + ")"
+                )
     return status
 
 
@@ -185,8 +164,9 @@ def _client(settings, name: str):
     from worker.mqtt import configure_tls
 
     mq = settings.mqtt
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"emotion-{name}-{time.time_ns() % 10**9}",
-                         protocol=mqtt.MQTTv311)
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=f"emotion-{name}-{time.time_ns() % 10**9}", protocol=mqtt.MQTTv311
+    )
     if mq.username:
         client.username_pw_set(mq.username, mq.password.get_secret_value() or None)
     try:
@@ -200,16 +180,6 @@ def _client(settings, name: str):
     return client
 
 
-def frame_topic(settings, device: str) -> str:
-    """The topic a camera called ``device`` publishes to: the first frame filter with its wildcard filled in."""
-    from worker.config import strip_share
-
-    parts = strip_share(settings.topics.frames[0]).split("/")
-    at = next(i for i, p in enumerate(parts) if p in ("+", "#"))
-    parts[at] = device
-    return "/".join(parts[: at + 1] if parts[-1] == "#" else parts)
-
-
 def _frames(args):
     """Yield BGR frames from --images, --video or --camera, forever with --loop."""
     import cv2
@@ -218,8 +188,11 @@ def _frames(args):
 
     while True:
         if args.images is not None:
-            paths = [args.images] if args.images.is_file() else sorted(
-                p for p in args.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            paths = (
+                [args.images]
+                if args.images.is_file()
+                else sorted(p for p in args.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            )
             if not paths:
                 raise SystemExit(f"emotion-worker publish: no images in {args.images}")
             for p in paths:
@@ -246,8 +219,9 @@ def _publish(settings, args) -> int:
     import cv2
 
     from worker.frames import encode_jpeg
+    from worker.topics import frame_topic
 
-    topic = frame_topic(settings, args.device)
+    topic = frame_topic(settings.topics.frames, args.device)
     client = _client(settings, "publish")
     client.loop_start()
     period = 1 / args.fps if args.fps > 0 else 0
@@ -259,10 +233,18 @@ def _publish(settings, args) -> int:
                 image = cv2.resize(image, (args.max_width, round(image.shape[0] * scale)), interpolation=cv2.INTER_AREA)
             jpeg = encode_jpeg(image)
             frame_id = f"{args.device}-{sent}"
-            payload = jpeg if args.raw else json.dumps({
-                "image": base64.b64encode(jpeg).decode(), "frame_id": frame_id, "captured_at": time.time(),
-                **({"source": name} if name else {}),
-            })
+            payload = (
+                jpeg
+                if args.raw
+                else json.dumps(
+                    {
+                        "image": base64.b64encode(jpeg).decode(),
+                        "frame_id": frame_id,
+                        "captured_at": time.time(),
+                        **({"source": name} if name else {}),
+                    }
+                )
+            )
             client.publish(topic, payload, qos=0).wait_for_publish(5)
             sent += 1
             print(f"published {frame_id} ({len(payload)} bytes) to {topic}", file=sys.stderr)
@@ -286,8 +268,9 @@ def _watch(settings, args) -> int:
     def on_message(client, userdata, msg):
         text = msg.payload.decode(errors="replace")
         if args.json:
-            print(json.dumps({"topic": msg.topic, "retained": bool(msg.retain),
-                              "payload": _maybe_json(text)}), flush=True)
+            print(
+                json.dumps({"topic": msg.topic, "retained": bool(msg.retain), "payload": _maybe_json(text)}), flush=True
+            )
         else:
             print(_describe(msg.topic, text, topics), flush=True)
         if msg.topic == topics.events:
@@ -297,10 +280,12 @@ def _watch(settings, args) -> int:
 
     client = _client(settings, "watch")
     client.on_message = on_message
-    subs = [(topics.events, 1), (topics.status, 1)] + ([(topics.errors, 0)] if args.errors else [])
+    subs = [(topics.events, 1), (f"{topics.status}/+", 1)] + ([(topics.errors, 0)] if args.errors else [])
     client.subscribe(subs)
     client.loop_start()
     print(f"watching {', '.join(t for t, _ in subs)} on {settings.mqtt.host}:{settings.mqtt.port}", file=sys.stderr)
+    from worker.signals import wait_for_stop
+
     wait_for_stop(done, args.timeout)
     client.loop_stop()
     client.disconnect()
@@ -316,16 +301,18 @@ def _maybe_json(text: str):
 
 def _describe(topic: str, text: str, topics) -> str:
     doc = _maybe_json(text)
-    if topic == topics.status:
-        return f"status: {text}"
+    if topic.startswith(f"{topics.status}/"):
+        return f"status: {topic[len(topics.status) + 1 :]} {text}"
     if not isinstance(doc, dict):
         return f"{topic}: {text}"
     if topic == topics.errors:
         return f"rejected frame from {doc.get('device_id')}: {doc.get('reason')}: {doc.get('message')}"
     faces = doc.get("faces", [])
     detail = ", ".join(f"{f['emotion']} {f['confidence']:.2f} at {f['box']}" for f in faces) or "no face"
-    return (f"{doc.get('processed_at', '')} {doc.get('device_id')}/{doc.get('frame_id')}: "
-            f"{doc.get('emotion')}  [{detail}]  {doc.get('latency_ms')} ms")
+    return (
+        f"{doc.get('processed_at', '')} {doc.get('device_id')}/{doc.get('frame_id')}: "
+        f"{doc.get('emotion')}  [{detail}]  {doc.get('latency_ms')} ms"
+    )
 
 
 def _config(settings, args) -> int:

@@ -16,6 +16,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from worker.topics import check_frame_filter, check_plain
+
 ENV_PREFIX = "EMOTION_"
 DEFAULT_CONFIG = Path("config/worker.toml")
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config_file", default=None)
@@ -29,7 +31,7 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class TLS(Section):
+class TLSSettings(Section):
     enabled: bool = Field(False, description="Connect with TLS.")
     ca_certs: Path | None = Field(None, description="CA bundle to verify the broker with; the system's when unset.")
     certfile: Path | None = Field(None, description="Client certificate (PEM) for brokers that require one.")
@@ -37,29 +39,35 @@ class TLS(Section):
     insecure: bool = Field(False, description="Skip verification of the broker's host name. Only for testing.")
 
 
-class MQTT(Section):
+class MqttSettings(Section):
     host: str = Field("127.0.0.1", description="Broker host name or address.")
     port: int = Field(1883, ge=1, le=65535, description="Broker port (8883 is usual with TLS).")
     protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version.")
-    client_id: str = Field("", description="Client id; empty gives 'emotion-worker-<host>-<pid>'.")
+    client_id: str = Field(
+        "",
+        description="Client id, stable across restarts; empty gives 'emotion-worker-<host name>'. "
+        "Several workers on one host need one each.",
+    )
     username: str = Field("", description="User name; empty connects anonymously.")
     password: SecretStr = Field(SecretStr(""), description="Password; never logged or printed.")
     keepalive_s: int = Field(30, ge=5, le=3600, description="Keep-alive interval in seconds.")
-    reconnect_min_s: float = Field(1.0, gt=0, description="First delay before reconnecting, in seconds; doubles each try.")
+    reconnect_min_s: float = Field(
+        1.0, gt=0, description="First delay before reconnecting, in seconds; doubles each try."
+    )
     reconnect_max_s: float = Field(30.0, gt=0, description="Longest delay between reconnection attempts, in seconds.")
-    tls: TLS = Field(default_factory=TLS, description="TLS options.")
+    tls: TLSSettings = Field(default_factory=TLSSettings, description="TLS options.")
 
     @model_validator(mode="after")
-    def _delays(self) -> MQTT:
+    def _delays(self) -> MqttSettings:
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must not be smaller than reconnect_min_s")
         return self
 
     def effective_client_id(self) -> str:
-        return self.client_id or f"emotion-worker-{socket.gethostname()}-{os.getpid()}"
+        return self.client_id or f"emotion-worker-{socket.gethostname()}"
 
 
-class Topics(Section):
+class TopicsSettings(Section):
     frames: list[str] = Field(
         ["emotion/frames/+"],
         min_length=1,
@@ -68,34 +76,33 @@ class Topics(Section):
     )
     events: str = Field("emotion/events", description="Topic emotion events are published to (QoS 1).")
     errors: str = Field("emotion/errors", description="Topic records of rejected frames are published to.")
-    status: str = Field("emotion/status", description="Retained 'online' / 'offline' availability topic.")
+    status: str = Field(
+        "emotion/status",
+        description="Each worker publishes a retained 'online' / 'offline' on '<status>/<client id>'.",
+    )
 
     @field_validator("frames")
     @classmethod
     def _filters(cls, filters: list[str]) -> list[str]:
-        for f in filters:
-            topic = strip_share(f)
-            if not topic or "+" not in topic.split("/") and not topic.endswith("#"):
-                raise ValueError(f"frame topic {f!r} has no '+' level for the device id")
-        return filters
+        return [check_frame_filter(f) for f in filters]
 
     @field_validator("events", "errors", "status")
     @classmethod
     def _plain(cls, topic: str) -> str:
-        if not topic or "+" in topic or "#" in topic:
-            raise ValueError(f"{topic!r} must be a topic name without wildcards")
-        return topic
+        return check_plain(topic)
 
 
-class Broker(Section):
+class BrokerSettings(Section):
     embedded: bool = Field(False, description="Start an in-process broker (amqtt, MQTT 3.1.1) and connect to it.")
     host: str = Field("127.0.0.1", description="Address the embedded broker listens on.")
     port: int = Field(1883, ge=0, le=65535, description="Port the embedded broker listens on.")
 
 
-class Model(Section):
+class ModelSettings(Section):
     weights: Path | None = Field(None, description="Checkpoint (.safetensors); unset uses the bundled model.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run the network: auto picks CUDA when available.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where to run the network: auto picks CUDA when available."
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on a CPU that has it, bf16 or fp16 on CUDA, else fp32."
     )
@@ -109,25 +116,29 @@ class Model(Section):
     threads: int = Field(0, ge=0, description="CPU threads for the network; 0 leaves PyTorch's default.")
 
 
-class Detector(Section):
+class DetectorSettings(Section):
     kind: Literal["haar", "yunet", "none"] = Field(
         "haar", description="haar: OpenCV Haar cascade; yunet: OpenCV FaceDetectorYN; none: each frame is a face crop."
     )
     yunet_model: Path | None = Field(None, description="ONNX file of YuNet, required when kind is yunet.")
-    detect_width: int = Field(320, ge=64, le=4096, description="Frames wider than this are scaled down to it for detection, in pixels.")
+    detect_width: int = Field(
+        320, ge=64, le=4096, description="Frames wider than this are scaled down to it for detection, in pixels."
+    )
     min_face_px: int = Field(40, ge=8, description="Smallest face to report, in frame pixels.")
     score_threshold: float = Field(0.7, ge=0, le=1, description="YuNet confidence threshold.")
     max_faces: int = Field(8, ge=1, le=64, description="Most faces classified per frame, largest first.")
 
     @model_validator(mode="after")
-    def _yunet(self) -> Detector:
+    def _yunet(self) -> DetectorSettings:
         if self.kind == "yunet" and self.yunet_model is None:
             raise ValueError("kind 'yunet' needs yunet_model, the path of the YuNet ONNX file")
         return self
 
 
-class Pipeline(Section):
-    queue_size: int = Field(8, ge=1, le=10000, description="Frames waiting to be processed; beyond it the oldest are dropped.")
+class PipelineSettings(Section):
+    queue_size: int = Field(
+        8, ge=1, le=10000, description="Frames waiting to be processed; beyond it the oldest are dropped."
+    )
     threads: int = Field(2, ge=1, le=64, description="Threads decoding frames and detecting faces.")
     max_age_s: float = Field(
         5.0, gt=0, description="Frames older than this (from captured_at, else from arrival) are skipped, in seconds."
@@ -138,7 +149,7 @@ class Pipeline(Section):
     stats_interval_s: float = Field(60.0, ge=0, description="Seconds between statistics log lines; 0 turns them off.")
 
 
-class Log(Section):
+class LogSettings(Section):
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")
     format: Literal["auto", "json", "console"] = Field(
         "auto", description="auto: readable on a terminal, JSON lines otherwise."
@@ -155,13 +166,17 @@ class Settings(BaseSettings):
         validate_assignment=True,
     )
 
-    mqtt: MQTT = Field(default_factory=MQTT, description="Connection to the MQTT broker.")
-    topics: Topics = Field(default_factory=Topics, description="MQTT topics.")
-    broker: Broker = Field(default_factory=Broker, description="Embedded broker for a set-up without one.")
-    model: Model = Field(default_factory=Model, description="Emotion model and inference.")
-    detector: Detector = Field(default_factory=Detector, description="Face detection.")
-    pipeline: Pipeline = Field(default_factory=Pipeline, description="Queues, limits and what to publish.")
-    log: Log = Field(default_factory=Log, description="Logging.")
+    mqtt: MqttSettings = Field(default_factory=MqttSettings, description="Connection to the MQTT broker.")
+    topics: TopicsSettings = Field(default_factory=TopicsSettings, description="MQTT topics.")
+    broker: BrokerSettings = Field(
+        default_factory=BrokerSettings, description="Embedded broker for a set-up without one."
+    )
+    model: ModelSettings = Field(default_factory=ModelSettings, description="Emotion model and inference.")
+    detector: DetectorSettings = Field(default_factory=DetectorSettings, description="Face detection.")
+    pipeline: PipelineSettings = Field(
+        default_factory=PipelineSettings, description="Queues, limits and what to publish."
+    )
+    log: LogSettings = Field(default_factory=LogSettings, description="Logging.")
 
     @classmethod
     def settings_customise_sources(
@@ -177,14 +192,6 @@ class Settings(BaseSettings):
         if path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
-
-
-def strip_share(topic_filter: str) -> str:
-    """The topic filter without an MQTT 5 ``$share/<group>/`` prefix."""
-    if topic_filter.startswith("$share/"):
-        parts = topic_filter.split("/", 2)
-        return parts[2] if len(parts) == 3 else ""
-    return topic_filter
 
 
 def config_path(explicit: str | Path | None = None) -> Path | None:

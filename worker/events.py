@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from worker.faces import Box
@@ -19,7 +19,7 @@ ERROR_SCHEMA = SCHEMAS / "error.schema.json"
 
 def iso(ts: float) -> str:
     """Unix seconds as ISO 8601 UTC with milliseconds, e.g. ``2026-11-27T22:14:05.123Z``."""
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def face_record(box: Box, probs: list[float], classes: tuple[str, ...]) -> dict:
@@ -54,7 +54,12 @@ def make_event(frame: Frame, faces: list[dict], info: ModelInfo, processed_at: f
 
 
 def make_error(
-    device_id: str | None, topic: str, reason: str, message: str, payload_bytes: int, at: float,
+    device_id: str | None,
+    topic: str,
+    reason: str,
+    message: str,
+    payload_bytes: int,
+    at: float,
     frame_id: str | None = None,
 ) -> dict:
     """A record of a rejected frame for the errors topic."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from worker.config import Detector as DetectorSettings
+from worker.config import DetectorSettings
 from worker.model import INPUT_SIZE
 
 
@@ -80,7 +80,11 @@ class FaceDetector:
         if self.kind == "none":
             return [Box(0, 0, w, h)]
         scale = min(1.0, self.settings.detect_width / w)
-        small = cv2.resize(image, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA) if scale < 1 else image
+        small = (
+            cv2.resize(image, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+            if scale < 1
+            else image
+        )
         min_px = max(8, round(self.settings.min_face_px * scale))
         if self.kind == "haar":
             grey = cv2.equalizeHist(cv2.cvtColor(small, cv2.COLOR_BGR2GRAY))

@@ -167,7 +167,17 @@ class ModelInfo:
             raise CheckpointError(f"{source}: class names must be distinct strings, got {list(classes)}")
         if not 0 < width <= 4 or not std > 0:
             raise CheckpointError(f"{source}: width {width} or normalisation std {std} is out of range")
-        known = {"format", "arch", "width", "classes", "input_size", "input_channels", "normalization", "name", "version"}
+        known = {
+            "format",
+            "arch",
+            "width",
+            "classes",
+            "input_size",
+            "input_channels",
+            "normalization",
+            "name",
+            "version",
+        }
         return cls(
             classes=classes,
             width=width,
@@ -180,9 +190,7 @@ class ModelInfo:
         )
 
 
-def save_checkpoint(
-    model: ResNet9, info: ModelInfo, path: str | Path, dtype: torch.dtype | None = None
-) -> Path:
+def save_checkpoint(model: ResNet9, info: ModelInfo, path: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write the model's weights and ``info`` to a safetensors file at ``path``.
 
     ``dtype`` (for example ``torch.float16``) converts floating-point tensors.

@@ -14,31 +14,12 @@ from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 
-from worker.config import Settings, strip_share
-from worker.frames import FrameError
+from worker.config import Settings
 from worker.log import get_logger
+from worker.topics import worker_status
 
 ONLINE, OFFLINE = b"online", b"offline"
 log = get_logger("emotion-worker.mqtt")
-
-
-def device_id_for(topic: str, filters: list[str]) -> str:
-    """The device id in ``topic``: the level matched by the first wildcard of the first matching filter.
-
-    Raises :class:`FrameError` (``unknown_topic`` or ``no_device_id``).
-    """
-    levels = topic.split("/")
-    for f in filters:
-        pattern = strip_share(f)
-        if not mqtt.topic_matches_sub(pattern, topic):
-            continue
-        parts = pattern.split("/")
-        at = next(i for i, p in enumerate(parts) if p in ("+", "#"))
-        device = levels[at] if at < len(levels) else ""
-        if not device:
-            raise FrameError("no_device_id", f"topic {topic!r} has an empty device id level (filter {f!r})")
-        return device
-    raise FrameError("unknown_topic", f"topic {topic!r} matches none of the frame filters {filters}")
 
 
 def configure_tls(client: mqtt.Client, tls) -> None:
@@ -72,12 +53,16 @@ class MqttLink:
             mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=self.protocol, **kwargs
         )
         self.client.enable_logger(None)
-        self.client.will_set(settings.topics.status, OFFLINE, qos=1, retain=True)
+        # Each worker has its own availability topic, so one worker's last will cannot hide another that serves.
+        self.status_topic = worker_status(settings.topics.status, self.client_id)
+        self.client.will_set(self.status_topic, OFFLINE, qos=1, retain=True)
         if mq.username:
             self.client.username_pw_set(mq.username, mq.password.get_secret_value() or None)
         if mq.tls.enabled:
             configure_tls(self.client, mq.tls)
-        self.client.reconnect_delay_set(min_delay=max(1, round(mq.reconnect_min_s)), max_delay=max(1, round(mq.reconnect_max_s)))
+        self.client.reconnect_delay_set(
+            min_delay=max(1, round(mq.reconnect_min_s)), max_delay=max(1, round(mq.reconnect_max_s))
+        )
         # Events published while the broker is away wait here; bounded so a long outage cannot exhaust memory.
         self.client.max_queued_messages_set(1000)
         self.client.on_connect = self._on_connect
@@ -95,8 +80,13 @@ class MqttLink:
     def start(self) -> None:
         """Connect in the background; paho retries with backoff until the broker answers."""
         mq = self.settings.mqtt
-        log.info("connecting", broker=self.where, protocol=f"MQTT {mq.protocol}", tls=mq.tls.enabled,
-                 client_id=self.client_id)
+        log.info(
+            "connecting",
+            broker=self.where,
+            protocol=f"MQTT {mq.protocol}",
+            tls=mq.tls.enabled,
+            client_id=self.client_id,
+        )
         self.client.connect_async(mq.host, mq.port, mq.keepalive_s)
         self.client.loop_start()
 
@@ -111,10 +101,15 @@ class MqttLink:
         topics = self.settings.topics
         if self._accepting:
             client.subscribe([(f, 0) for f in topics.frames])
-        client.publish(topics.status, ONLINE, qos=1, retain=True)
+        client.publish(self.status_topic, ONLINE, qos=1, retain=True)
         self.connected.set()
-        log.info("connected" if self.connections == 1 else "reconnected", broker=self.where,
-                 subscribed=topics.frames, events=topics.events)
+        log.info(
+            "connected" if self.connections == 1 else "reconnected",
+            broker=self.where,
+            subscribed=topics.frames,
+            events=topics.events,
+            status=self.status_topic,
+        )
 
     def _on_connect_fail(self, client, userdata) -> None:
         log.warning("broker unreachable, retrying", broker=self.where)
@@ -141,7 +136,7 @@ class MqttLink:
         """Publish ``offline`` (retained), wait for pending publishes, disconnect."""
         self._accepting = False
         if self.connected.is_set():
-            info = self.client.publish(self.settings.topics.status, OFFLINE, qos=1, retain=True)
+            info = self.client.publish(self.status_topic, OFFLINE, qos=1, retain=True)
             deadline = time.monotonic() + timeout
             while not info.is_published() and time.monotonic() < deadline:
                 time.sleep(0.02)

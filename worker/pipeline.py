@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,7 +26,8 @@ from worker.events import face_record, make_error, make_event
 from worker.faces import Box, FaceDetector, crop_faces
 from worker.frames import Frame, FrameError, decode_payload
 from worker.log import get_logger
-from worker.mqtt import device_id_for
+from worker.stats import Stats
+from worker.topics import device_id_for
 
 log = get_logger("emotion-worker.pipeline")
 
@@ -69,39 +70,6 @@ class Job:
     frame: Frame
     boxes: list[Box]
     crops: np.ndarray
-
-
-class Stats:
-    """Counters and recent latencies, safe to update from any thread."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.counts: Counter = Counter()
-        self.rejected: Counter = Counter()
-        self.latencies: deque = deque(maxlen=2000)  # ms
-
-    def add(self, key: str, n: int = 1) -> None:
-        with self._lock:
-            self.counts[key] += n
-
-    def reject(self, reason: str) -> None:
-        with self._lock:
-            self.counts["rejected"] += 1
-            self.rejected[reason] += 1
-
-    def latency(self, ms: float) -> None:
-        with self._lock:
-            self.latencies.append(ms)
-
-    def snapshot(self) -> dict:
-        with self._lock:
-            lat = sorted(self.latencies)
-            out = dict(self.counts)
-            out["rejected_by_reason"] = dict(self.rejected)
-        if lat:
-            out["latency_ms_p50"] = round(lat[len(lat) // 2], 1)
-            out["latency_ms_p95"] = round(lat[min(len(lat) - 1, int(len(lat) * 0.95))], 1)
-        return out
 
 
 class Pipeline:
@@ -243,8 +211,11 @@ class Pipeline:
 
     def _frame_failed(self, frame: Frame, stage: str, exc: Exception) -> None:
         """Report ``frame`` as lost to an internal error in ``stage`` (inference, publish)."""
-        self._reject(frame.device_id, Message(frame.topic, b"", frame.received_at),
-                     FrameError("internal", f"{stage} failed: {exc!r}"))
+        self._reject(
+            frame.device_id,
+            Message(frame.topic, b"", frame.received_at),
+            FrameError("internal", f"{stage} failed: {exc!r}"),
+        )
 
     # -- inference thread -------------------------------------------------------------------------
     def _infer_loop(self) -> None:
@@ -292,8 +263,14 @@ class Pipeline:
             return
         self.stats.add("events")
         self.stats.latency(event["latency_ms"])
-        log.info("event", device=frame.device_id, frame=frame.frame_id, emotion=event["emotion"],
-                 faces=len(faces), latency_ms=event["latency_ms"])
+        log.info(
+            "event",
+            device=frame.device_id,
+            frame=frame.frame_id,
+            emotion=event["emotion"],
+            faces=len(faces),
+            latency_ms=event["latency_ms"],
+        )
 
     def _stats_loop(self) -> None:
         interval = self.settings.pipeline.stats_interval_s

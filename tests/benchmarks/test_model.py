@@ -10,12 +10,22 @@ from tests.conftest import REPO
 
 
 def test_model_benchmark_prints_both_rates_for_each_width_and_elu():
-    out = subprocess.run([sys.executable, "benchmarks/model.py", "--width", "0.125", "0.25", "--batch", "4",
-                          "--steps", "1"], cwd=REPO, capture_output=True, text=True, timeout=180)
+    out = subprocess.run(
+        [sys.executable, "benchmarks/model.py", "--width", "0.125", "0.25", "--batch", "4", "--steps", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.startswith("device cpu, precision torch.bfloat16, batch 4")
-    rows = re.findall(r"width (\S+) +(ELU|nn\.ELU) +inference +([\d.]+) images/s +training +([\d.]+) images/s",
-                      out.stdout)
+    rows = re.findall(
+        r"width (\S+) +(ELU|nn\.ELU) +inference +([\d.]+) images/s +training +([\d.]+) images/s", out.stdout
+    )
     assert [(w, elu) for w, elu, _, _ in rows] == [
-        ("0.125", "ELU"), ("0.125", "nn.ELU"), ("0.25", "ELU"), ("0.25", "nn.ELU")], out.stdout
+        ("0.125", "ELU"),
+        ("0.125", "nn.ELU"),
+        ("0.25", "ELU"),
+        ("0.25", "nn.ELU"),
+    ], out.stdout
     assert all(float(inference) > 0 and float(training) > 0 for _, _, inference, training in rows)

@@ -12,10 +12,30 @@ from tests.conftest import REPO, needs_proc
 
 @needs_proc
 def test_short_soak_reports_memory_and_the_workers_counts(tiny_checkpoint):
-    out = subprocess.run([sys.executable, "benchmarks/soak.py", "--minutes", "0.25", "--fps", "20",
-                          "--sample-s", "3", "--warmup-s", "3", "--broker-restarts", "1",
-                          "--weights", str(tiny_checkpoint), "--tta", "none"],
-                         cwd=REPO, capture_output=True, text=True, timeout=180)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/soak.py",
+            "--minutes",
+            "0.25",
+            "--fps",
+            "20",
+            "--sample-s",
+            "3",
+            "--warmup-s",
+            "3",
+            "--broker-restarts",
+            "1",
+            "--weights",
+            str(tiny_checkpoint),
+            "--tta",
+            "none",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     samples = [line.split() for line in out.stdout.splitlines() if re.fullmatch(r"\s*\d+( +[\d.]+){6}", line)]
     assert len(samples) >= 4 and all(float(s[4]) > 50 for s in samples)  # RSS in MB: torch alone is more

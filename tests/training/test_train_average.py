@@ -38,8 +38,24 @@ def test_mean_state_is_the_mean_of_each_tensor():
 def kept_run(small_fer, tmp_path_factory):
     """A two-epoch tiny fit run with --keep-epochs."""
     out = tmp_path_factory.mktemp("run-kept")
-    assert main(["fit", "--data", str(small_fer), "--out", str(out), "--recipe", "seed", "--keep-epochs", *TINY_FIT,
-                 "--epochs", "2"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--data",
+                str(small_fer),
+                "--out",
+                str(out),
+                "--recipe",
+                "seed",
+                "--keep-epochs",
+                *TINY_FIT,
+                "--epochs",
+                "2",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -58,8 +74,12 @@ def test_keep_epochs_writes_every_epochs_checkpoint(kept_run):
 def test_average_writes_the_mean_recalibrated_scored_and_exportable(kept_run, small_fer, tmp_path, capsys):
     epochs = [kept_run / "epochs" / f"epoch-00{e}.safetensors" for e in (1, 2)]
     out = tmp_path / "avg"
-    assert main(["average", "--weights", *map(str, epochs), "--data", str(small_fer), "--out", str(out),
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            ["average", "--weights", *map(str, epochs), "--data", str(small_fer), "--out", str(out), "--device", "cpu"]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "mean of 2 checkpoints" in printed and "350 train/ images" in printed
 
@@ -78,8 +98,23 @@ def test_average_writes_the_mean_recalibrated_scored_and_exportable(kept_run, sm
     minutes = max(float(load_checkpoint(p)[1].extra["train_minutes"]) for p in epochs)
     assert metrics["train_seconds"] == pytest.approx(minutes * 60, abs=6)  # one run: counted once, to its last epoch
     assert (out / "confusion.png").stat().st_size > 0
-    assert main(["evaluate", "--weights", str(out / "best.safetensors"), "--data", str(small_fer),
-                 "--tta", "flip", "--json", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--weights",
+                str(out / "best.safetensors"),
+                "--data",
+                str(small_fer),
+                "--tta",
+                "flip",
+                "--json",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     measured = json.loads(capsys.readouterr().out)
     assert measured["accuracy"] == metrics["val"]["flip"]["accuracy"]
     assert info.extra["val_acc_tta"] == f"{measured['accuracy']:.4f}"
@@ -92,8 +127,11 @@ def test_average_writes_the_mean_recalibrated_scored_and_exportable(kept_run, sm
 def test_runs_of_a_soup_each_count_their_training_time(kept_run, best_run, small_fer, tmp_path):
     from training.average import train_seconds
 
-    paths = [kept_run / "epochs" / "epoch-001.safetensors", kept_run / "epochs" / "epoch-002.safetensors",
-             best_run / "best.safetensors"]
+    paths = [
+        kept_run / "epochs" / "epoch-001.safetensors",
+        kept_run / "epochs" / "epoch-002.safetensors",
+        best_run / "best.safetensors",
+    ]
     infos = [load_checkpoint(p)[1] for p in paths]
     minutes = [float(i.extra["train_minutes"]) for i in infos]
     assert train_seconds(infos, paths) == pytest.approx((max(minutes[:2]) + minutes[2]) * 60)
@@ -107,8 +145,11 @@ def write(model: ResNet9, info: ModelInfo, path):
 def test_checkpoints_of_other_networks_are_refused(small_fer, tmp_path, capsys):
     a = write(constant_model(1.0), ModelInfo(width=0.125), tmp_path / "a" / "a.safetensors")
     wider = write(constant_model(1.0, 0.25), ModelInfo(width=0.25), tmp_path / "wider.safetensors")
-    reordered = write(constant_model(1.0), ModelInfo(width=0.125, classes=tuple(reversed(CLASSES))),
-                      tmp_path / "reordered.safetensors")
+    reordered = write(
+        constant_model(1.0),
+        ModelInfo(width=0.125, classes=tuple(reversed(CLASSES))),
+        tmp_path / "reordered.safetensors",
+    )
     out = str(tmp_path / "out")
     for other, what in ((wider, "width 0.25"), (reordered, "classes ['surprise'")):
         assert main(["average", "--weights", a, other, "--data", str(small_fer), "--out", out]) == 2
@@ -121,7 +162,9 @@ def test_checkpoints_of_other_networks_are_refused(small_fer, tmp_path, capsys):
     b = write(constant_model(2.0), ModelInfo(width=0.125), tmp_path / "b.safetensors")
     assert main(["average", "--weights", a, b, "--data", str(small_fer), "--out", str(tmp_path / "a")]) == 2
     assert "another folder than those of its checkpoints" in capsys.readouterr().err
-    assert main(["average", "--weights", a, str(tmp_path / "nothing.safetensors"), "--data", str(small_fer),
-                 "--out", out]) == 2
+    assert (
+        main(["average", "--weights", a, str(tmp_path / "nothing.safetensors"), "--data", str(small_fer), "--out", out])
+        == 2
+    )
     assert "nothing.safetensors does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -50,8 +50,12 @@ def test_a_good_checkpoint_loads(tiny, tmp_path):
 def test_metadata_without_format(tiny, tmp_path):
     meta = good_metadata()
     del meta["format"]
-    refused(write(tmp_path / "noformat.safetensors", tiny, meta),
-            "not an emotion model checkpoint", "'format' is None", "'emotion-resnet9'")
+    refused(
+        write(tmp_path / "noformat.safetensors", tiny, meta),
+        "not an emotion model checkpoint",
+        "'format' is None",
+        "'emotion-resnet9'",
+    )
 
 
 def test_no_metadata_at_all(tiny, tmp_path):
@@ -61,16 +65,21 @@ def test_no_metadata_at_all(tiny, tmp_path):
 def test_classes_list_shorter_than_the_outputs(tiny, tmp_path):
     meta = good_metadata()
     meta["classes"] = json.dumps(["angry", "happy", "neutral", "sad", "surprise"])
-    refused(write(tmp_path / "five.safetensors", tiny, meta),
-            "do not match a ResNet9 of width 0.125 with 5 classes",
-            "classifier.2.weight has shape (7, 64), expected (5, 64)")
+    refused(
+        write(tmp_path / "five.safetensors", tiny, meta),
+        "do not match a ResNet9 of width 0.125 with 5 classes",
+        "classifier.2.weight has shape (7, 64), expected (5, 64)",
+    )
 
 
 def test_width_that_does_not_match_the_tensors(tiny, tmp_path):
     meta = good_metadata()
     meta["width"] = "0.25"
-    refused(write(tmp_path / "wide.safetensors", tiny, meta),
-            "do not match a ResNet9 of width 0.25", "has shape (16, 1, 3, 3), expected (32, 1, 3, 3)")
+    refused(
+        write(tmp_path / "wide.safetensors", tiny, meta),
+        "do not match a ResNet9 of width 0.25",
+        "has shape (16, 1, 3, 3), expected (32, 1, 3, 3)",
+    )
 
 
 def test_malformed_metadata_values(tiny, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import cv2
 import numpy as np
@@ -72,15 +72,18 @@ def test_export_metadata_comes_from_the_run(best_run, tmp_path):
     assert extra["data_split"] == trained.extra["data_split"]
     assert extra["date"] == trained.extra["date"]
     exported = datetime.fromisoformat(extra["exported"])
-    assert abs((datetime.now(timezone.utc) - exported).total_seconds()) < 120
+    assert abs((datetime.now(UTC) - exported).total_seconds()) < 120
     assert info.version == f"{exported:%Y.%m.%d}-best-w0.125-e1"
     assert re.fullmatch(r"\d{4}\.\d{2}\.\d{2}-best-w0\.125-e1", info.version)
 
 
 def test_export_of_a_checkpoint_file_without_metrics(tmp_path):
     torch.manual_seed(0)
-    source = save_checkpoint(ResNet9(width=0.25), ModelInfo(width=0.25, extra={"recipe": "seed", "note": "kept"}),
-                             tmp_path / "mine.safetensors")
+    source = save_checkpoint(
+        ResNet9(width=0.25),
+        ModelInfo(width=0.25, extra={"recipe": "seed", "note": "kept"}),
+        tmp_path / "mine.safetensors",
+    )
     (tmp_path / "out").mkdir()
     path = export(source, tmp_path / "out")  # a folder: the bundled model's file name inside it
     assert path == tmp_path / "out" / "resnet9.safetensors"
@@ -96,8 +99,9 @@ def test_export_records_what_a_warm_restart_started_from(seed_run, tmp_path):
     start = export(seed_run, tmp_path / "start.safetensors")
     start_info = load_checkpoint(start)[1]
     model, info = load_checkpoint(seed_run / "best.safetensors")
-    save_checkpoint(model, ModelInfo(width=info.width, extra={"recipe": "seed", "init": str(start)}),
-                    tmp_path / "warm.safetensors")
+    save_checkpoint(
+        model, ModelInfo(width=info.width, extra={"recipe": "seed", "init": str(start)}), tmp_path / "warm.safetensors"
+    )
     extra = load_checkpoint(export(tmp_path / "warm.safetensors", tmp_path / "out.safetensors"))[1].extra
     assert extra["init_version"] == start_info.version
     assert extra["init_epochs"] == start_info.extra["best_epoch"]

@@ -14,8 +14,24 @@ from training.export import export
 from worker.model import CLASSES, load_checkpoint
 
 METRICS_KEYS = {
-    "recipe", "hyperparameters", "width", "epochs", "best_epoch", "device", "host", "threads", "precision",
-    "train_images", "train_seconds", "images_per_s", "val", "val_confusion", "classes", "init", "data", "history",
+    "recipe",
+    "hyperparameters",
+    "width",
+    "epochs",
+    "best_epoch",
+    "device",
+    "host",
+    "threads",
+    "precision",
+    "train_images",
+    "train_seconds",
+    "images_per_s",
+    "val",
+    "val_confusion",
+    "classes",
+    "init",
+    "data",
+    "history",
 }
 HISTORY_KEYS = {"epoch", "loss", "train_acc", "val_acc", "val_acc_tta", "lr", "images_per_s", "seconds"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -163,8 +179,20 @@ def test_init_starts_from_a_checkpoint_and_records_it(seed_run, small_fer, tmp_p
         torch.testing.assert_close(wide(x), source.float()(x), rtol=1e-3, atol=1e-3)
 
     out = tmp_path / "warm"
-    args = ["fit", "--data", str(small_fer), "--out", str(out), "--recipe", "best", "--lr", "0.01",
-            "--init", str(seed_run / "best.safetensors"), *TINY_FIT]
+    args = [
+        "fit",
+        "--data",
+        str(small_fer),
+        "--out",
+        str(out),
+        "--recipe",
+        "best",
+        "--lr",
+        "0.01",
+        "--init",
+        str(seed_run / "best.safetensors"),
+        *TINY_FIT,
+    ]
     assert main(args) == 0
     _, info = load_checkpoint(out / "best.safetensors")
     _, source_info = load_checkpoint(seed_run / "best.safetensors")
@@ -186,24 +214,38 @@ def test_lineage_adds_up_over_a_chain_of_warm_restarts():
     from training.fit import lineage
     from worker.model import ModelInfo
 
-    first = ModelInfo(width=0.5, version="2026.11.28-best-w0.5",
-                      extra={"best_epoch": "67", "epochs": "70", "train_minutes": "196.6"})
-    assert lineage(first) == {"init_version": "2026.11.28-best-w0.5", "init_epochs": "67",
-                              "init_train_minutes": "196.6"}
-    second = ModelInfo(width=0.5, version="2026.11.29-best-w0.5",
-                       extra={"best_epoch": "20", "epochs": "22", "train_minutes": "110.0", **lineage(first)})
-    assert lineage(second) == {"init_version": "2026.11.29-best-w0.5", "init_epochs": "87",
-                               "init_train_minutes": "306.6"}
+    first = ModelInfo(
+        width=0.5, version="2026.11.28-best-w0.5", extra={"best_epoch": "67", "epochs": "70", "train_minutes": "196.6"}
+    )
+    assert lineage(first) == {
+        "init_version": "2026.11.28-best-w0.5",
+        "init_epochs": "67",
+        "init_train_minutes": "196.6",
+    }
+    second = ModelInfo(
+        width=0.5,
+        version="2026.11.29-best-w0.5",
+        extra={"best_epoch": "20", "epochs": "22", "train_minutes": "110.0", **lineage(first)},
+    )
+    assert lineage(second) == {
+        "init_version": "2026.11.29-best-w0.5",
+        "init_epochs": "87",
+        "init_train_minutes": "306.6",
+    }
     # A start whose own start does not record its minutes: the epochs add up, the minutes are left out.
-    third = ModelInfo(width=0.5, version="2026.11.30-best-w0.5",
-                      extra={"epoch": "19", "train_minutes": "98.0", "init_version": "2026.11.29", "init_epochs": "91"})
+    third = ModelInfo(
+        width=0.5,
+        version="2026.11.30-best-w0.5",
+        extra={"epoch": "19", "train_minutes": "98.0", "init_version": "2026.11.29", "init_epochs": "91"},
+    )
     assert lineage(third) == {"init_version": "2026.11.30-best-w0.5", "init_epochs": "110"}
 
 
 def test_dropout_changes_training_and_is_recorded(seed_run, small_fer, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["fit", "--data", str(small_fer), "--out", str(out), "--recipe", "seed", *TINY_FIT,
-                 "--dropout", "0"]) == 0
+    assert (
+        main(["fit", "--data", str(small_fer), "--out", str(out), "--recipe", "seed", *TINY_FIT, "--dropout", "0"]) == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["hyperparameters"]["dropout"] == 0.0
     # Same seed and data order as seed_run; only the dropout differs, and with it the training loss.
@@ -237,8 +279,10 @@ def test_resume_takes_a_state_from_before_the_dropout_setting_as_dropout_one_hal
 
 def test_light_augmentation_changes_training_and_is_recorded(seed_run, small_fer, tmp_path):
     out = tmp_path / "run"
-    assert main(["fit", "--data", str(small_fer), "--out", str(out), "--recipe", "seed", *TINY_FIT,
-                 "--augment", "light"]) == 0
+    assert (
+        main(["fit", "--data", str(small_fer), "--out", str(out), "--recipe", "seed", *TINY_FIT, "--augment", "light"])
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     augment = metrics["hyperparameters"]["augment"]
     assert augment["flip"] is True and augment["shift_px"] == 2

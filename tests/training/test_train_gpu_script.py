@@ -15,8 +15,15 @@ SCRIPT = Path(__file__).resolve().parents[2] / "training" / "gpu.sh"
 
 
 def run_script(data: Path, out: Path, **settings: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "DEVICE": "cpu", "LIMIT": "300",
-           "WIDTH": "0.125", **settings}
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "PYTHON": sys.executable,
+        "DEVICE": "cpu",
+        "LIMIT": "300",
+        "WIDTH": "0.125",
+        **settings,
+    }
     return subprocess.run(["bash", str(SCRIPT), str(data)], env=env, capture_output=True, text=True, timeout=300)
 
 

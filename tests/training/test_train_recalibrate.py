@@ -84,8 +84,10 @@ def test_no_images_is_an_error():
 
 def test_recalibrated_run_is_scored_and_exportable(best_run, small_fer, tmp_path, capsys):
     out = tmp_path / "bn"
-    assert main(["recalibrate", "--run", str(best_run), "--data", str(small_fer), "--out", str(out),
-                 "--device", "cpu"]) == 0
+    assert (
+        main(["recalibrate", "--run", str(best_run), "--data", str(small_fer), "--out", str(out), "--device", "cpu"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "350 train/ images" in printed and "flip" in printed
 
@@ -104,8 +106,23 @@ def test_recalibrated_run_is_scored_and_exportable(best_run, small_fer, tmp_path
     assert (out / "confusion.png").stat().st_size > 0
 
     # The scores it records are what `evaluate` measures on the recalibrated checkpoint.
-    assert main(["evaluate", "--weights", str(out / "best.safetensors"), "--data", str(small_fer),
-                 "--tta", "flip", "--json", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--weights",
+                str(out / "best.safetensors"),
+                "--data",
+                str(small_fer),
+                "--tta",
+                "flip",
+                "--json",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     measured = json.loads(capsys.readouterr().out)
     assert measured["n"] == metrics["val"]["flip"]["n"] == 84
     assert measured["accuracy"] == metrics["val"]["flip"]["accuracy"]
@@ -122,15 +139,29 @@ def test_a_run_scored_before_a_tta_mode_existed_gets_that_mode_scored(best_run, 
     del metrics["val"]["rotate"]
     (old / "metrics.json").write_text(json.dumps(metrics))
     out = tmp_path / "bn"
-    assert main(["recalibrate", "--run", str(old), "--data", str(small_fer), "--out", str(out),
-                 "--device", "cpu"]) == 0
+    assert main(["recalibrate", "--run", str(old), "--data", str(small_fer), "--out", str(out), "--device", "cpu"]) == 0
     assert "rotate" in capsys.readouterr().out
     before = json.loads((out / "metrics.json").read_text())["val_before_recalibration"]
     assert set(before) == set(TTA_MODES)
     assert before["flip"] == metrics["val"]["flip"]  # recorded scores are kept, not recomputed
     # The missing one is the original checkpoint's own score.
-    assert main(["evaluate", "--weights", str(old / "best.safetensors"), "--data", str(small_fer),
-                 "--tta", "rotate", "--json", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--weights",
+                str(old / "best.safetensors"),
+                "--data",
+                str(small_fer),
+                "--tta",
+                "rotate",
+                "--json",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert before["rotate"]["accuracy"] == json.loads(capsys.readouterr().out)["accuracy"]
 
 
@@ -138,14 +169,44 @@ def test_images_limits_the_train_images(best_run, small_fer, tmp_path, capsys):
     bare = tmp_path / "model.safetensors"  # a checkpoint file with no run's metrics.json beside it
     shutil.copy(best_run / "best.safetensors", bare)
     out = tmp_path / "bn"
-    assert main(["recalibrate", "--run", str(bare), "--data", str(small_fer),
-                 "--out", str(out), "--images", "100", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "recalibrate",
+                "--run",
+                str(bare),
+                "--data",
+                str(small_fer),
+                "--out",
+                str(out),
+                "--images",
+                "100",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert "100 train/ images" in capsys.readouterr().out
     assert "100 clean" in load_checkpoint(out / "best.safetensors")[1].extra["recalibrated"]
     assert (out / "best.safetensors").is_file() and not (out / "metrics.json").exists()
     for bad in ("0", "-5"):  # -5 must not quietly mean all but the last five
-        assert main(["recalibrate", "--run", str(bare), "--data", str(small_fer), "--out", str(tmp_path / "x"),
-                     "--images", bad]) == 2
+        assert (
+            main(
+                [
+                    "recalibrate",
+                    "--run",
+                    str(bare),
+                    "--data",
+                    str(small_fer),
+                    "--out",
+                    str(tmp_path / "x"),
+                    "--images",
+                    bad,
+                ]
+            )
+            == 2
+        )
         assert f"--images must be at least 1, got {bad}" in capsys.readouterr().err
 
 

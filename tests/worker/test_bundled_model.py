@@ -47,8 +47,14 @@ def test_classify_serves_the_bundled_model_when_no_weights_are_set(tmp_path):
         cv2.imwrite(str(path), cv2.imread(str(crop)))
         paths.append(str(path))
     env = {k: v for k, v in os.environ.items() if not k.startswith("EMOTION_")}  # config/worker.toml: no weights set
-    out = subprocess.run([sys.executable, "-m", "worker.cli", "classify", "--json", "--detector", "none", *paths],
-                         env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "classify", "--json", "--detector", "none", *paths],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert [line["image"] for line in lines] == paths

@@ -9,7 +9,7 @@ import torch
 
 import worker.model
 from worker.classify import ROTATE_DEG, TTA_MODES, Classifier, autocast_dtype, predict, rotate, tta_views
-from worker.config import Model
+from worker.config import ModelSettings
 from worker.model import CheckpointError, load_checkpoint
 
 
@@ -32,7 +32,7 @@ def symmetric(n: int = 3) -> torch.Tensor:
 
 
 def classifier(path, **kw) -> Classifier:
-    return Classifier(Model(weights=path, **({"device": "cpu", "precision": "fp32", "tta": "flip"} | kw)))
+    return Classifier(ModelSettings(weights=path, **({"device": "cpu", "precision": "fp32", "tta": "flip"} | kw)))
 
 
 # --- predict ------------------------------------------------------------------------------------
@@ -65,8 +65,10 @@ def test_predict_accepts_a_channel_dimension(tiny, crops):
 def test_batches_give_the_same_answer_as_one_batch(tiny, crops, tta):
     model, info = tiny
     torch.testing.assert_close(
-        predict(model, info, crops, tta=tta, batch_size=2), predict(model, info, crops, tta=tta, batch_size=128),
-        rtol=1e-5, atol=1e-6,
+        predict(model, info, crops, tta=tta, batch_size=2),
+        predict(model, info, crops, tta=tta, batch_size=128),
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
@@ -85,24 +87,25 @@ def test_predict_does_not_change_its_input(tiny):
 def test_flip_of_a_symmetric_input_equals_no_tta(tiny):
     model, info = tiny
     x = symmetric()
-    torch.testing.assert_close(predict(model, info, x, tta="flip"), predict(model, info, x, tta="none"),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        predict(model, info, x, tta="flip"), predict(model, info, x, tta="none"), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_flip_of_an_asymmetric_input_averages_both_views(tiny, crops):
     model, info = tiny
     plain, mirrored = predict(model, info, crops), predict(model, info, crops.flip(-1))
     assert not torch.allclose(plain, mirrored, atol=1e-4)
-    torch.testing.assert_close(predict(model, info, crops, tta="flip"), (plain + mirrored) / 2,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(predict(model, info, crops, tta="flip"), (plain + mirrored) / 2, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["tencrop", "rotate"])
 def test_shifts_and_turns_of_a_flat_input_equal_no_tta(tiny, mode):
     model, info = tiny
     x = torch.full((2, 48, 48), 140, dtype=torch.uint8)
-    torch.testing.assert_close(predict(model, info, x, tta=mode), predict(model, info, x, tta="none"),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        predict(model, info, x, tta=mode), predict(model, info, x, tta="none"), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_rotate_averages_the_six_views(tiny, crops):
@@ -226,7 +229,7 @@ def test_classifier_with_missing_weights(tmp_path):
 def test_classifier_without_weights_or_bundled_model(tmp_path, monkeypatch):
     monkeypatch.setattr(worker.model, "BUNDLED_WEIGHTS", tmp_path / "none.safetensors")
     with pytest.raises(CheckpointError) as info:
-        Classifier(Model(device="cpu"))
+        Classifier(ModelSettings(device="cpu"))
     message = str(info.value)
     assert str(tmp_path / "none.safetensors") in message and "model.weights" in message
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.config import ConfigError, Settings, config_path, load_settings, masked, strip_share, to_toml
+from worker.config import ConfigError, Settings, config_path, load_settings, masked, to_toml
 
 SECRET = "s3cr3t-Hunter2"
 
@@ -77,7 +77,7 @@ def test_file_value_is_used(tmp_path):
 
 def test_default_file_in_the_working_directory_is_read(tmp_path):
     (tmp_path / "config").mkdir()
-    write(tmp_path / "config", '[mqtt]\nport = 1999\n')
+    write(tmp_path / "config", "[mqtt]\nport = 1999\n")
     assert load_settings().mqtt.port == 1999
 
 
@@ -212,7 +212,9 @@ def test_toml_that_is_not_utf8(tmp_path):
 # --- topics and detector ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("topic", ["emotion/frames", "emotion/frames/cam1", "$share/group/emotion/frames", "$share/g", ""])
+@pytest.mark.parametrize(
+    "topic", ["emotion/frames", "emotion/frames/cam1", "$share/group/emotion/frames", "$share/g", ""]
+)
 def test_frame_topic_needs_a_device_level(topic):
     message = config_error(topics={"frames": [topic]})
     assert "topics.frames" in message and "'+'" in message
@@ -232,12 +234,6 @@ def test_frame_topics_may_not_be_empty():
 @pytest.mark.parametrize("topic", ["emotion/events/+", "emotion/#", ""])
 def test_publish_topics_have_no_wildcards(topic):
     assert "topics.events" in config_error(topics={"events": topic})
-
-
-def test_strip_share():
-    assert strip_share("$share/group/emotion/frames/+") == "emotion/frames/+"
-    assert strip_share("emotion/frames/+") == "emotion/frames/+"
-    assert strip_share("$share/group") == ""
 
 
 def test_yunet_needs_a_model_path(tmp_path):
@@ -265,8 +261,14 @@ def test_password_is_read(secret_settings):
 def test_password_never_shown(secret_settings):
     data = masked(secret_settings)
     assert data["mqtt"]["password"] == "**********" and data["mqtt"]["username"] == "camera-user"
-    for text in (str(data), to_toml(data), repr(secret_settings), str(secret_settings),
-                 secret_settings.model_dump_json(), repr(secret_settings.mqtt)):
+    for text in (
+        str(data),
+        to_toml(data),
+        repr(secret_settings),
+        str(secret_settings),
+        secret_settings.model_dump_json(),
+        repr(secret_settings.mqtt),
+    ):
         assert SECRET not in text
     assert 'password = "**********"' in to_toml(data)
 
@@ -321,7 +323,7 @@ def test_defaults_round_trip_through_toml(tmp_path):
 def test_changed_settings_round_trip_through_toml(tmp_path, monkeypatch):
     monkeypatch.setenv("EMOTION_MQTT__TLS__CA_CERTS", "/etc/ssl/ca.pem")
     settings = load_settings(
-        mqtt={"host": "broker \"quoted\" \\ lan", "port": 8883, "protocol": "3.1.1", "reconnect_min_s": 0.25},
+        mqtt={"host": 'broker "quoted" \\ lan', "port": 8883, "protocol": "3.1.1", "reconnect_min_s": 0.25},
         topics={"frames": ["$share/g/emotion/frames/+", "site/+/cam"]},
         model={"weights": "/models/m.safetensors", "tta": "rotate"},
         detector={"kind": "yunet", "yunet_model": "/models/yunet.onnx", "score_threshold": 0.55},

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from worker.config import Detector
+from worker.config import DetectorSettings
 from worker.faces import Box, DetectorError, FaceDetector, crop_faces
 
 
@@ -22,7 +22,7 @@ def iou(box: Box, rect: tuple[int, int, int, int]) -> float:
 
 @pytest.fixture(scope="module")
 def haar() -> FaceDetector:
-    return FaceDetector(Detector())
+    return FaceDetector(DetectorSettings())
 
 
 def inside(box: Box, frame: np.ndarray) -> bool:
@@ -40,7 +40,7 @@ def test_haar_finds_the_pasted_face(haar, face_frames):
 
 @pytest.mark.parametrize("detect_width", [320, 480, 640, 1024])
 def test_boxes_are_in_frame_pixels_whatever_the_detection_width(face_frames, detect_width):
-    detector = FaceDetector(Detector(detect_width=detect_width))
+    detector = FaceDetector(DetectorSettings(detect_width=detect_width))
     frame, rect = face_frames[0]
     boxes = detector.detect(frame)
     assert len(boxes) == 1 and iou(boxes[0], rect) > 0.5, (boxes, rect)
@@ -50,8 +50,8 @@ def test_large_frame_is_scaled_down_and_boxes_scaled_back(face_frames):
     frame, (x, y, w, h) = face_frames[0]
     big = cv2.resize(frame, (1280, 960), interpolation=cv2.INTER_LINEAR)
     big_rect = (2 * x, 2 * y, 2 * w, 2 * h)
-    small = FaceDetector(Detector(detect_width=320)).detect(big)  # detects at a quarter of the size
-    full = FaceDetector(Detector(detect_width=1280)).detect(big)  # detects at full size
+    small = FaceDetector(DetectorSettings(detect_width=320)).detect(big)  # detects at a quarter of the size
+    full = FaceDetector(DetectorSettings(detect_width=1280)).detect(big)  # detects at full size
     assert len(small) == 1 and len(full) == 1
     assert iou(small[0], big_rect) > 0.5 and iou(full[0], big_rect) > 0.5
     assert small[0].w > 2 * 100  # in the 1280-pixel frame's pixels, not the 320-pixel copy's
@@ -60,9 +60,9 @@ def test_large_frame_is_scaled_down_and_boxes_scaled_back(face_frames):
 
 def test_min_face_px_is_in_frame_pixels(face_frames):
     frame, rect = face_frames[0]
-    found = FaceDetector(Detector(detect_width=320, min_face_px=100)).detect(frame)
+    found = FaceDetector(DetectorSettings(detect_width=320, min_face_px=100)).detect(frame)
     assert len(found) == 1 and iou(found[0], rect) > 0.5
-    assert FaceDetector(Detector(detect_width=320, min_face_px=300)).detect(frame) == []
+    assert FaceDetector(DetectorSettings(detect_width=320, min_face_px=300)).detect(frame) == []
 
 
 @pytest.mark.parametrize("value", [0, 90, 255])
@@ -77,7 +77,7 @@ def test_noise_frame_has_no_faces(haar):
 
 
 def test_kind_none_returns_the_whole_frame():
-    detector = FaceDetector(Detector(kind="none"))
+    detector = FaceDetector(DetectorSettings(kind="none"))
     assert detector.detect(np.zeros((123, 77, 3), np.uint8)) == [Box(0, 0, 77, 123)]
 
 
@@ -100,11 +100,11 @@ def two_faces(face_frames, big_left: bool) -> tuple[np.ndarray, tuple, tuple]:
 @pytest.mark.parametrize("big_left", [True, False])
 def test_boxes_are_sorted_largest_first_and_limited(face_frames, big_left):
     frame, big_rect, small_rect = two_faces(face_frames, big_left)
-    boxes = FaceDetector(Detector(max_faces=8)).detect(frame)
+    boxes = FaceDetector(DetectorSettings(max_faces=8)).detect(frame)
     assert len(boxes) == 2, boxes
     assert boxes[0].area > boxes[1].area
     assert iou(boxes[0], big_rect) > 0.5 and iou(boxes[1], small_rect) > 0.5
-    one = FaceDetector(Detector(max_faces=1)).detect(frame)
+    one = FaceDetector(DetectorSettings(max_faces=1)).detect(frame)
     assert one == boxes[:1]
 
 
@@ -139,7 +139,7 @@ def test_detector_works_from_several_threads_at_once(haar, face_frames):
 def test_yunet_with_a_missing_model(tmp_path):
     missing = tmp_path / "models" / "face_detection_yunet.onnx"
     with pytest.raises(DetectorError) as info:
-        FaceDetector(Detector(kind="yunet", yunet_model=missing))
+        FaceDetector(DetectorSettings(kind="yunet", yunet_model=missing))
     assert str(missing) in str(info.value) and "detector.yunet_model" in str(info.value)
 
 
@@ -147,7 +147,7 @@ def test_yunet_with_a_file_that_is_not_onnx(tmp_path):
     bad = tmp_path / "yunet.onnx"
     bad.write_bytes(b"this is not an ONNX model")
     with pytest.raises(DetectorError) as info:
-        FaceDetector(Detector(kind="yunet", yunet_model=bad))
+        FaceDetector(DetectorSettings(kind="yunet", yunet_model=bad))
     assert str(bad) in str(info.value) and "could not be loaded" in str(info.value)
 
 

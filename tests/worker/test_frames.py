@@ -7,7 +7,7 @@ import json
 import math
 import struct
 import zlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import cv2
 import numpy as np
@@ -117,7 +117,7 @@ def test_envelope_with_id_time_and_meta(jpeg):
     frame = decode(payload, received_at=1.0)
     assert frame.image.shape == (60, 80, 3)
     assert frame.frame_id == "f-42"
-    assert frame.captured_at == datetime(2024, 5, 1, 12, tzinfo=timezone.utc).timestamp()
+    assert frame.captured_at == datetime(2024, 5, 1, 12, tzinfo=UTC).timestamp()
     assert frame.timestamp == frame.captured_at
     assert frame.meta == {"room": "hall", "n": 3}  # image, frame_id and captured_at are not meta
 

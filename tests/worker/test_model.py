@@ -13,9 +13,9 @@ from torch import nn
 
 from worker.model import (
     CLASSES,
+    ELU,
     FER_MEAN,
     FER_STD,
-    ELU,
     CheckpointError,
     ModelInfo,
     ResNet9,
@@ -78,8 +78,9 @@ def test_save_load_round_trip_is_exact(tmp_path, batch):
 
 
 def test_read_info_reads_only_the_metadata(tmp_path):
-    path = save_checkpoint(trained_like(), ModelInfo(width=TINY, classes=("a", "b", "c"), mean=0.4, std=0.2),
-                           tmp_path / "m.safetensors")
+    path = save_checkpoint(
+        trained_like(), ModelInfo(width=TINY, classes=("a", "b", "c"), mean=0.4, std=0.2), tmp_path / "m.safetensors"
+    )
     with pytest.raises(CheckpointError):  # 3 classes, but the network has 7 outputs
         load_checkpoint(path)
     info = read_info(path)
@@ -274,8 +275,17 @@ def test_truncated_checkpoint(tmp_path):
 
 @pytest.mark.parametrize(
     "base, width, expected",
-    [(128, 1.0, 128), (512, 1.0, 512), (128, 0.5, 64), (128, 0.125, 16), (512, 0.125, 64),
-     (128, 0.3, 40), (128, 0.01, 8), (256, 0.33, 88), (128, 2.0, 256)],
+    [
+        (128, 1.0, 128),
+        (512, 1.0, 512),
+        (128, 0.5, 64),
+        (128, 0.125, 16),
+        (512, 0.125, 64),
+        (128, 0.3, 40),
+        (128, 0.01, 8),
+        (256, 0.33, 88),
+        (128, 2.0, 256),
+    ],
 )
 def test_channels(base, width, expected):
     assert channels(base, width) == expected

@@ -48,9 +48,11 @@ def make_pipeline(tiny_checkpoint, monkeypatch):
     made = []
 
     def make(delay_s=0.0, **pipeline):
-        settings = load_settings(None, model={"weights": tiny_checkpoint, "tta": "none", "batch_size": 8,
-                                              "max_wait_ms": 50},
-                                 pipeline={"stats_interval_s": 0, **pipeline})
+        settings = load_settings(
+            None,
+            model={"weights": tiny_checkpoint, "tta": "none", "batch_size": 8, "max_wait_ms": 50},
+            pipeline={"stats_interval_s": 0, **pipeline},
+        )
         classifier = SlowClassifier(Classifier(settings.model), delay_s)
         events, errors = [], []
         p = Pipeline(settings, classifier, FaceDetector(settings.detector), events.append, errors.append)
@@ -83,7 +85,7 @@ def test_faces_of_several_frames_are_classified_in_one_batch(make_pipeline, face
 def test_when_behind_the_oldest_frames_are_dropped_and_counted(make_pipeline, face_frames):
     pipeline, classifier, events, errors = make_pipeline(delay_s=0.3, queue_size=2, threads=1)
     jpegs = [encode_jpeg(face_frames[i % len(face_frames)][0]) for i in range(20)]
-    for i, jpeg in enumerate(jpegs):
+    for jpeg in jpegs:
         pipeline.submit("emotion/frames/kitchen", jpeg, time.time())
     assert pipeline.drain(30)
     stats = pipeline.stats.snapshot()

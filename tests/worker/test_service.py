@@ -15,11 +15,20 @@ import jsonschema
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, free_port, needs_proc, publisher, signals_blocked_by_other_threads, start_worker, wait_port
+from tests.conftest import (
+    REPO,
+    free_port,
+    needs_proc,
+    publisher,
+    signals_blocked_by_other_threads,
+    start_worker,
+    wait_port,
+)
 from worker.events import ERROR_SCHEMA, EVENT_SCHEMA, load_schema
 from worker.frames import encode_jpeg
 
-EVENTS, ERRORS, STATUS = "emotion/events", "emotion/errors", "emotion/status"
+EVENTS, ERRORS = "emotion/events", "emotion/errors"
+STATUS = "emotion/status/+"  # each worker's own availability topic
 STARTUP_S = 60  # importing torch and warming up while the suite runs in parallel can be slow
 
 
@@ -37,12 +46,20 @@ def payload(msg) -> dict:
 
 
 def wait_online(listener, timeout: float = STARTUP_S):
-    return listener.wait_for(lambda m: m.topic == STATUS and m.payload == b"online", timeout, "'online' status")
+    return listener.wait_for(
+        lambda m: m.topic.startswith("emotion/status/") and m.payload == b"online", timeout, "'online' status"
+    )
 
 
 def envelope(frame: np.ndarray, frame_id: str, **extra) -> bytes:
-    return json.dumps({"image": base64.b64encode(encode_jpeg(frame)).decode(), "frame_id": frame_id,
-                       "captured_at": time.time(), **extra}).encode()
+    return json.dumps(
+        {
+            "image": base64.b64encode(encode_jpeg(frame)).decode(),
+            "frame_id": frame_id,
+            "captured_at": time.time(),
+            **extra,
+        }
+    ).encode()
 
 
 def stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 15) -> int:
@@ -89,9 +106,18 @@ def test_face_frame_gives_schema_valid_event(worker, listen, mosquitto, face_fra
 
     # The JSON envelope: frame id, capture time and extra keys come back.
     captured = time.time() - 0.25
-    camera.publish("emotion/frames/hall", json.dumps({
-        "image": base64.b64encode(encode_jpeg(frame)).decode(), "frame_id": "f-42",
-        "captured_at": captured, "room": "hall"}), qos=1)
+    camera.publish(
+        "emotion/frames/hall",
+        json.dumps(
+            {
+                "image": base64.b64encode(encode_jpeg(frame)).decode(),
+                "frame_id": "f-42",
+                "captured_at": captured,
+                "room": "hall",
+            }
+        ),
+        qos=1,
+    )
     event = payload(events.wait_for(lambda m: m.topic == EVENTS and payload(m)["frame_id"] == "f-42", 30))
     jsonschema.validate(event, load_schema(EVENT_SCHEMA))
     assert event["device_id"] == "hall"
@@ -134,8 +160,11 @@ def _bad_inputs(frame: np.ndarray) -> list[tuple[str, str, bytes]]:
         ("bad_base64", "emotion/frames/kitchen", b'{"image": "%%% not base64 %%%"}'),
         ("bad_json", "emotion/frames/kitchen", b'{"image": '),
         ("bad_field", "emotion/frames/kitchen", b'{"frame_id": "no image here"}'),
-        ("bad_field", "emotion/frames/kitchen", json.dumps({"image": base64.b64encode(jpeg).decode(),
-                                                            "captured_at": "yesterday"}).encode()),
+        (
+            "bad_field",
+            "emotion/frames/kitchen",
+            json.dumps({"image": base64.b64encode(jpeg).decode(), "captured_at": "yesterday"}).encode(),
+        ),
         ("no_device_id", "emotion/frames/", jpeg),
     ]
 
@@ -159,8 +188,9 @@ def test_each_bad_input_gives_an_error_record_and_the_worker_keeps_serving(worke
         assert record["message"]
         # The next good frame still gives an event.
         camera.publish("emotion/frames/kitchen", envelope(frame, f"good-{i}"), qos=1)
-        listener.wait_for(lambda m: m.topic == EVENTS and payload(m)["frame_id"] == f"good-{i}", 30,
-                          f"event after {reason}")
+        listener.wait_for(
+            lambda m: m.topic == EVENTS and payload(m)["frame_id"] == f"good-{i}", 30, f"event after {reason}"
+        )
         del msg
     assert proc.poll() is None, "worker exited"
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
@@ -205,7 +235,8 @@ def test_only_the_main_thread_takes_stop_signals_and_two_sigterms_stop_once(work
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     assert [e["event"] for e in lines].count("stopping") == 1
     assert {"event": "signal received", "signal": "SIGTERM"}.items() <= next(
-        e for e in lines if e["event"] == "signal received").items()
+        e for e in lines if e["event"] == "signal received"
+    ).items()
 
 
 def test_sigint_also_stops_cleanly(worker, listen):
@@ -246,7 +277,10 @@ def test_worker_reconnects_after_the_broker_restarts(worker, listen, mosquitto, 
 def test_two_workers_split_frames_through_a_shared_subscription(worker, listen, mosquitto, face_frames):
     env = {"EMOTION_TOPICS__FRAMES": '["$share/emotion/emotion/frames/+"]'}
     status = listen([STATUS])
-    (a, log_a), (b, log_b) = worker(env), worker(env)
+    (a, log_a), (b, log_b) = (
+        worker({**env, "EMOTION_MQTT__CLIENT_ID": "worker-a"}),
+        worker({**env, "EMOTION_MQTT__CLIENT_ID": "worker-b"}),
+    )
     deadline = time.monotonic() + STARTUP_S
     while log_a.read_text().count('"connected"') + log_b.read_text().count('"connected"') < 2:
         assert time.monotonic() < deadline, "workers did not connect"
@@ -273,24 +307,27 @@ def test_two_workers_split_frames_through_a_shared_subscription(worker, listen, 
 def test_missing_or_wrong_checkpoint_stops_start_with_a_clear_error(worker_env, tmp_path):
     missing = tmp_path / "nope.safetensors"
     env = {**worker_env, "EMOTION_MODEL__WEIGHTS": str(missing)}
-    out = subprocess.run([sys.executable, "-m", "worker.cli", "run"], env=env, cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "run"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 2
     assert str(missing) in out.stdout + out.stderr and "does not exist" in out.stdout + out.stderr
 
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(os.urandom(1000))
     env["EMOTION_MODEL__WEIGHTS"] = str(junk)
-    out = subprocess.run([sys.executable, "-m", "worker.cli", "run"], env=env, cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "run"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 2
     assert str(junk) in out.stdout + out.stderr and "safetensors" in out.stdout + out.stderr
 
 
 def test_bad_config_value_stops_start_naming_the_key(worker_env):
     env = {**worker_env, "EMOTION_PIPELINE__QUEUE_SIZE": "many"}
-    out = subprocess.run([sys.executable, "-m", "worker.cli", "run"], env=env, cwd=REPO, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "run"], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 2
     assert "pipeline.queue_size" in out.stderr and "many" in out.stderr
 
@@ -325,7 +362,8 @@ def test_embedded_broker_serves_mqtt_311_clients(worker_env, tmp_path, face_fram
 
 def test_tls_with_a_missing_ca_file_stops_start_naming_the_key(worker_env, tmp_path):
     env = {**worker_env, "EMOTION_MQTT__TLS__ENABLED": "true", "EMOTION_MQTT__TLS__CA_CERTS": str(tmp_path / "ca.pem")}
-    out = subprocess.run([sys.executable, "-m", "worker.cli", "run"], env=env, cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "run"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 2
     assert "mqtt.tls.ca_certs" in out.stderr and "ca.pem" in out.stderr
