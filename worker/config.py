@@ -80,13 +80,17 @@ class TopicsSettings(Section):
         "emotion/status",
         description="Each worker publishes a retained 'online' / 'offline' on '<status>/<client id>'.",
     )
+    state: str = Field("emotion/state", description="Each camera's steady emotion, retained on '<state>/<device id>'.")
+    changes: str = Field("emotion/changes", description="One record per change of a camera's steady emotion.")
+    stats: str = Field("emotion/stats", description="The worker's statistics, retained, every stats interval.")
+    actions: str = Field("emotion/actions", description="One record per action a rule took.")
 
     @field_validator("frames")
     @classmethod
     def _filters(cls, filters: list[str]) -> list[str]:
         return [check_frame_filter(f) for f in filters]
 
-    @field_validator("events", "errors", "status")
+    @field_validator("events", "errors", "status", "state", "changes", "stats", "actions")
     @classmethod
     def _plain(cls, topic: str) -> str:
         return check_plain(topic)
