@@ -35,7 +35,7 @@ from training.evaluate import evaluate_model  # noqa: E402
 from training.export import set_onnx_metadata, standard_elu, write_onnx  # noqa: E402
 from worker.classify import cpu_has_bf16, load_model, plan, precision_name, predict  # noqa: E402
 from worker.config import ModelSettings  # noqa: E402
-from worker.model import OnnxModel, load_checkpoint, resolve_weights  # noqa: E402
+from worker.model import BUNDLED, OnnxModel, load_checkpoint, resolve_weights  # noqa: E402
 
 CONFIGS = ("torch/bf16", "torch/fp32", "onnxruntime/int8", "onnxruntime/fp32")
 DATA = REPO.parent / "shared" / "data" / "fer2013"
@@ -93,14 +93,15 @@ def main() -> None:
             for config in args.configs:
                 loaded = load(model_name, config, Path(tmp))
                 if loaded is None:
-                    print(f"{model_name:14s} {config}: skipped, this CPU has no bf16")
+                    print(f"{model_name:14s} {config}: skipped, this CPU has no bf16", flush=True)
                     continue
                 net, info, amp = loaded
+                label = model_name if model_name in BUNDLED else Path(model_name).name
                 backend = config.split("/")[0]
                 for tta in args.tta:
                     result = evaluate_model(net, info, val, tta, amp=amp, batch_size=64)
                     row = {
-                        "model": model_name,
+                        "model": label,
                         "version": info.version,
                         "width": info.width,
                         "backend": backend,
@@ -121,7 +122,7 @@ def main() -> None:
                     rows.append(row)
                     ratio = f"{row['vs_reference']:6.2f}x" if reference else "      -"
                     print(
-                        f"{model_name:14s} {backend:12s} {row['precision']:9s} {tta:5s} "
+                        f"{label:14s} {backend:12s} {row['precision']:9s} {tta:5s} "
                         f"{row['faces_per_s_batch1']:9.1f} {row['faces_per_s_batch64']:9.1f} "
                         f"{row['accuracy']:9.4f} {ratio}",
                         flush=True,
