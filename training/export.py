@@ -318,7 +318,7 @@ def quantize_onnx(fp32: Path, out: Path, faces) -> None:
         def get_next(self):
             return next(self.batches, None)
 
-    pre = out.with_name(out.name + ".pre.tmp")
+    pre = Path(out).with_name(Path(out).name + ".pre.tmp")
     try:
         quant_pre_process(str(fp32), str(pre))  # shape inference and graph clean-up, as ONNX Runtime recommends
         quantize_static(

@@ -109,9 +109,6 @@ def predict(
     return torch.cat(out) if out else torch.empty(0, len(info.classes))
 
 
-BACKENDS = ("torch", "onnxruntime")
-
-
 @dataclass(frozen=True)
 class Plan:
     """What the worker serves and why, chosen from the ``model`` settings and the machine (see :func:`plan`)."""
