@@ -72,6 +72,7 @@ class MqttLink:
         self.connected = threading.Event()
         self.connections = 0
         self._accepting = True
+        self._subscriptions: list[tuple[str, int]] = []  # besides the frames, in the order they were added
 
     @property
     def where(self) -> str:
@@ -101,6 +102,8 @@ class MqttLink:
         topics = self.settings.topics
         if self._accepting:
             client.subscribe([(f, 0) for f in topics.frames])
+        if self._subscriptions:
+            client.subscribe(self._subscriptions)
         client.publish(self.status_topic, ONLINE, qos=1, retain=True)
         self.connected.set()
         log.info(
@@ -123,8 +126,24 @@ class MqttLink:
         if self._accepting:
             self.on_frame(msg.topic, msg.payload, time.time())
 
-    def publish_json(self, topic: str, doc: dict, qos: int = 1) -> None:
-        self.client.publish(topic, json.dumps(doc, separators=(",", ":")), qos=qos)
+    def subscribe(self, topic_filter: str, qos: int, callback: Callable[[str, bytes, bool], None]) -> None:
+        """Also subscribe to ``topic_filter``, now and on each reconnect (all such filters in one request, in the
+        order added, so the broker sends their retained messages in that order).
+
+        ``callback(topic, payload, retained)`` runs on paho's network thread: it must only hand work on.
+        """
+        self._subscriptions.append((topic_filter, qos))
+        self.client.message_callback_add(
+            topic_filter, lambda client, userdata, msg: callback(msg.topic, msg.payload, bool(msg.retain))
+        )
+        if self.connected.is_set():
+            self.client.subscribe(topic_filter, qos)
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    def publish_json(self, topic: str, doc: dict, qos: int = 1, retain: bool = False) -> None:
+        self.publish(topic, json.dumps(doc, separators=(",", ":")), qos=qos, retain=retain)
 
     def stop_consuming(self) -> None:
         """Unsubscribe from frames; messages already in flight are ignored."""

@@ -26,7 +26,7 @@ from worker.events import face_record, make_error, make_event
 from worker.faces import Box, FaceDetector, crop_faces
 from worker.frames import Frame, FrameError, decode_payload
 from worker.log import get_logger
-from worker.stats import Stats
+from worker.stats import IntervalStats, Stats
 from worker.topics import device_id_for
 
 log = get_logger("emotion-worker.pipeline")
@@ -82,16 +82,19 @@ class Pipeline:
         detector: FaceDetector,
         publish_event: Callable[[dict], None],
         publish_error: Callable[[dict], None],
+        observe: Callable[[Frame, list[dict]], None] | None = None,
     ):
         self.settings = settings
         self.classifier = classifier
         self.detector = detector
         self.publish_event = publish_event
         self.publish_error = publish_error
+        self.observe = observe  # each processed frame and its faces, to the per-camera state
         p = settings.pipeline
         self.inbox = DropOldestQueue(p.queue_size)
         self.ready = DropOldestQueue(p.queue_size)
         self.stats = Stats()
+        self.interval = IntervalStats()
         self._stop = threading.Event()
         self._pending = 0  # frames accepted and not yet finished
         self._pending_cond = threading.Condition()
@@ -103,8 +106,6 @@ class Pipeline:
         for i in range(self.settings.pipeline.threads):
             self._threads.append(threading.Thread(target=self._prepare_loop, name=f"prepare-{i}", daemon=True))
         self._threads.append(threading.Thread(target=self._infer_loop, name="inference", daemon=True))
-        if self.settings.pipeline.stats_interval_s:
-            self._threads.append(threading.Thread(target=self._stats_loop, name="stats", daemon=True))
         for t in self._threads:
             t.start()
 
@@ -169,6 +170,7 @@ class Pipeline:
                 self.stats.add("no_face")
                 if self.settings.pipeline.publish_empty:
                     self._publish(job.frame, [])
+                self._processed(job.frame, [])
                 self._done()
             else:
                 dropped = self.ready.put(job)
@@ -244,6 +246,7 @@ class Pipeline:
 
     def _classify(self, jobs: list[Job]) -> None:
         probs = self.classifier.predict(np.concatenate([j.crops for j in jobs])).tolist()
+        self.interval.batch(len(probs))
         classes = self.classifier.info.classes
         at = 0
         for job in jobs:
@@ -251,9 +254,26 @@ class Pipeline:
             at += len(job.boxes)
             self.stats.add("faces", len(faces))
             self._publish(job.frame, faces)
+            self._processed(job.frame, faces)
+
+    def _processed(self, frame: Frame, faces: list[dict]) -> None:
+        """Count ``frame`` as processed and hand it to the per-camera state; a failure there costs nothing else."""
+        self.stats.add("processed")
+        if self.observe is None:
+            return
+        try:
+            self.observe(frame, faces)
+        except Exception:
+            self.stats.add("state_errors")
+            log.exception("state update failed", device=frame.device_id)
 
     def _publish(self, frame: Frame, faces: list[dict]) -> None:
         """Publish the event of ``frame``; a failure costs this frame only, in either thread."""
+        if not self.settings.pipeline.publish_events:
+            latency_ms = (time.time() - frame.timestamp) * 1000
+            self.stats.latency(latency_ms)
+            self.interval.latency(latency_ms)
+            return
         try:
             event = make_event(frame, faces, self.classifier.info, time.time())
             self.publish_event(event)
@@ -263,6 +283,7 @@ class Pipeline:
             return
         self.stats.add("events")
         self.stats.latency(event["latency_ms"])
+        self.interval.latency(event["latency_ms"])
         log.info(
             "event",
             device=frame.device_id,
@@ -271,13 +292,3 @@ class Pipeline:
             faces=len(faces),
             latency_ms=event["latency_ms"],
         )
-
-    def _stats_loop(self) -> None:
-        interval = self.settings.pipeline.stats_interval_s
-        last, last_events = time.monotonic(), 0
-        while not self._stop.wait(interval):
-            snap = self.stats.snapshot()
-            now = time.monotonic()
-            fps = (snap.get("events", 0) - last_events) / (now - last)
-            last, last_events = now, snap.get("events", 0)
-            log.info("stats", events_per_s=round(fps, 2), queued=len(self.inbox) + len(self.ready), **snap)
