@@ -58,7 +58,7 @@ def classify(data: Path, model: ModelSettings, cache: Path | None = None) -> tup
     if cache is not None and cache.is_file():
         with np.load(cache) as saved:
             if str(saved["key"]) == key:
-                return {c: saved[c] for c in clf.info.classes if c in saved}, meta
+                return {c: saved[c] for c in clf.info.classes if c in saved}, {**meta, "cached": True}
     scores = {}
     for c in clf.info.classes:
         paths = sorted((data / c).glob("*.jpg")) + sorted((data / c).glob("*.png"))
@@ -241,9 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     classes = tuple(meta["classes"])
     accuracy = {c: (len(r), float((r.argmax(1) == classes.index(c)).mean())) for c, r in raw.items()}
     scores = {c: as_dicts(r, classes) for c, r in raw.items()}
+    how = f"read from {args.cache}" if meta.get("cached") else f"classified in {time.perf_counter() - t0:.1f} s"
     print(
         f"model {meta['name']} {meta['version']}, tta {meta['tta']}: {sum(len(r) for r in raw.values())} faces "
-        f"of {args.data} classified in {time.perf_counter() - t0:.1f} s"
+        f"of {args.data} {how}"
     )
     doc: dict = {
         "model": {k: meta[k] for k in ("name", "version", "tta")},
