@@ -535,7 +535,8 @@ class AmqttBroker:
             writer.close()
             return
         if first[1] == 5:
-            log.warning(
+            # Info, not warning: publish and watch try MQTT 5 first and then fall back.
+            log.info(
                 "refused an MQTT 5 client: the amqtt broker speaks MQTT 3.1.1 only; "
                 "connect with MQTT 3.1.1, or install Mosquitto for MQTT 5",
                 peer=str(writer.get_extra_info("peername")),
@@ -545,9 +546,12 @@ class AmqttBroker:
                 await writer.drain()
             writer.close()
             return
-        await self._broker.external_connected(
-            _PacketReader(reader, first[0], self._undelivered), StreamWriterAdapter(writer), "default"
-        )
+        try:
+            await self._broker.external_connected(
+                _PacketReader(reader, first[0], self._undelivered), StreamWriterAdapter(writer), "default"
+            )
+        except OSError as exc:  # the client went away; amqtt has cleaned up its session
+            log.debug("client connection ended", error=repr(exc))
 
     def stop(self, timeout: float = 5.0) -> None:
         async def stop() -> None:

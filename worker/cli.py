@@ -311,6 +311,8 @@ def _publish(settings, args) -> int:
             payload = jpeg if args.raw else json.dumps(envelope)
             with cond:
                 sources[frame_id] = name or ""
+            # Said before publishing, so that it comes before the answer, which can be quick.
+            print(f"published {frame_id} ({len(payload)} bytes) to {topic}", file=sys.stderr, flush=True)
             client.publish(
                 topic,
                 payload,
@@ -318,7 +320,6 @@ def _publish(settings, args) -> int:
                 properties=_reply_properties(reply_topic, frame_id) if asks and protocol == "5" else None,
             ).wait_for_publish(5)
             sent += 1
-            print(f"published {frame_id} ({len(payload)} bytes) to {topic}", file=sys.stderr)
             if args.count and sent >= args.count:
                 break
             next_at += period

@@ -103,7 +103,7 @@ class Pipeline:
         self._pending_cond = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._last_drop_log = 0.0
-        self._no_face_log: dict[str, tuple[float, int]] = {}  # device: (last line, frames since)
+        self._no_face_log: dict[str, tuple[float | None, int]] = {}  # device: (last line, frames since)
 
     # -- life cycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -160,7 +160,11 @@ class Pipeline:
             log.warning("behind, dropping oldest frames", topic=topic, dropped_total=self.stats.counts["dropped"])
         message = f"dropped: the worker was behind and the queue of {self.settings.pipeline.queue_size} frames was full (pipeline.queue_size)"
         if isinstance(item, Message):
-            self._outcome("dropped", None, item.topic, None, message, item.reply)
+            try:
+                device = device_id_for(item.topic, self.settings.topics.frames)
+            except FrameError:
+                device = None
+            self._outcome("dropped", device, item.topic, None, message, item.reply)
         else:
             self._frame_outcome("dropped", item.frame, message)
 
@@ -181,10 +185,10 @@ class Pipeline:
         kind = self.settings.detector.kind
         self._frame_outcome("no_face", frame, f"no face found (detector {kind})", detector=kind)
         now = time.monotonic()
-        last, count = self._no_face_log.get(frame.device_id, (0.0, 0))
+        last, count = self._no_face_log.get(frame.device_id, (None, 0))
         if len(self._no_face_log) > 1000:  # device ids come from topics: bound what they can grow
             self._no_face_log.clear()
-        if now - last >= 60:
+        if last is None or now - last >= 60:
             log.info("no face found", device=frame.device_id, frame=frame.frame_id, detector=kind, frames=count + 1)
             self._no_face_log[frame.device_id] = (now, 0)
         else:
