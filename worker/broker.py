@@ -249,7 +249,7 @@ def start_broker(kind: str, host: str, port: int, timeout: float = 10.0) -> Runn
     if exe is not None:
         server: MosquittoBroker | AmqttBroker = MosquittoBroker(exe, host, port)
         server.start(timeout)
-        return RunningBroker(BrokerInfo("mosquitto", where, server.port, "5", server.version), server)
+        return RunningBroker(BrokerInfo("mosquitto", where, server.port, server.protocol, server.version), server)
     server = AmqttBroker(host, port)
     server.start(timeout)
     return RunningBroker(BrokerInfo("amqtt", where, server.port, "3.1.1", f"amqtt {_amqtt_version()}"), server)
@@ -295,6 +295,7 @@ class MosquittoBroker:
     def __init__(self, exe: str, host: str, port: int):
         self.exe, self.host, self.port = exe, host, port
         self.version: str | None = None
+        self.protocol: str | None = None
         self.proc: subprocess.Popen | None = None
         self._dir: tempfile.TemporaryDirectory | None = None
         self._reader: threading.Thread | None = None
@@ -343,8 +344,12 @@ class MosquittoBroker:
                     f"Mosquitto ({self.exe}) could not listen on {self.host}:{self.port}: {output}; "
                     "give the embedded broker another port (broker.port)"
                 )
-            if _try_connect(where, self.port, 5, 0.5):
-                self.version = broker_version(where, self.port, "5") or "Mosquitto"
+            try:
+                self.protocol = probe(where, self.port, 0.5)
+            except BrokerError:  # listening, not answering yet
+                self.protocol = None
+            if self.protocol:  # "5", or "3.1.1" from a Mosquitto older than 1.6
+                self.version = broker_version(where, self.port, self.protocol) or "Mosquitto"
                 return
             time.sleep(0.05)
         self.stop()

@@ -447,8 +447,8 @@ def _config(settings, args) -> int:
         data["mqtt"].update(host=b.host, port=b.port, protocol=b.protocol)
         used["broker"] = {
             "existing": f"the broker already on {b.host}:{b.port}, MQTT {b.protocol}",
-            "mosquitto": f"Mosquitto ({find_mosquitto()}) started on {b.host}:{b.port}, MQTT 5",
-            "amqtt": f"amqtt started in-process on {b.host}:{b.port}, MQTT 3.1.1 (install Mosquitto for MQTT 5)",
+            "mosquitto": f"Mosquitto ({find_mosquitto()}), started by the worker on {b.host}:{b.port}, MQTT 5",
+            "amqtt": f"amqtt, started in the worker on {b.host}:{b.port}, MQTT 3.1.1 (install Mosquitto for MQTT 5)",
         }[b.kind]
     if args.json:
         print(json.dumps({**data, "used": used}, indent=2))

@@ -262,6 +262,10 @@ def test_publish_prints_what_became_of_each_image(worker_env, tmp_path, face_fra
         # watch shows the frame without a face too, from the skipped topic.
         assert "desk/desk-1: no face found (detector haar)" in out
         assert "desk/desk-0: " in out
+        # A bare JPEG asks for its outcome with an MQTT 5 response topic.
+        raw = cli("publish", "--device", "door", "--images", str(images / "1-wall.jpg"), "--raw", env=worker_env)
+        assert raw.returncode == 0, raw.stdout + raw.stderr
+        assert raw.stdout == "door-0 (1-wall.jpg): no face found (detector haar)\n"
     finally:
         worker.terminate()
         worker.wait(15)
@@ -300,7 +304,7 @@ def test_config_shows_the_file_the_weights_and_the_protocol_really_used(worker_e
         env={**worker_env, "EMOTION_BROKER__PORT": "0"},
     )
     assert f"# config file: {conf}" in toml_out.stdout
-    assert "# broker: amqtt started in-process on 127.0.0.1:0, MQTT 3.1.1" in toml_out.stdout
+    assert "# broker: amqtt, started in the worker on 127.0.0.1:0, MQTT 3.1.1" in toml_out.stdout
     assert 'protocol = "3.1.1"' in toml_out.stdout
 
 
