@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import threading
 
-from worker.broker import EmbeddedBroker
+from worker.broker import RunningBroker, start_broker
 from worker.classify import Classifier, val_acc_key
 from worker.config import Settings
+from worker.events import SKIPPED
 from worker.faces import FaceDetector
 from worker.health import HealthReporter
 from worker.log import get_logger
@@ -21,7 +22,7 @@ log = get_logger("emotion-worker")
 class Worker:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.broker: EmbeddedBroker | None = None
+        self.broker: RunningBroker | None = None
         self.link: MqttLink | None = None
         self.pipeline: Pipeline | None = None
         self.metrics: MetricsServer | None = None
@@ -48,15 +49,19 @@ class Worker:
         # 2. The face detector.
         detector = FaceDetector(s.detector)
         log.info("face detector ready", kind=s.detector.kind, detect_width=s.detector.detect_width)
-        # 3. The embedded broker, when asked for.
+        # 3. The embedded broker, when asked for: the one already on the port, else Mosquitto, else amqtt.
         if s.broker.embedded:
-            self.broker = EmbeddedBroker(s.broker.host, s.broker.port)
-            self.broker.start()
+            self.broker = start_broker(s.broker.kind, s.broker.host, s.broker.port)
+            b = self.broker.info
+            s.mqtt = s.mqtt.model_copy(update={"host": b.host, "port": b.port, "protocol": b.protocol})
             log.info(
-                "embedded broker listening (amqtt, MQTT 3.1.1; use a broker such as Mosquitto for MQTT 5 "
-                "and shared subscriptions)",
-                host=s.broker.host,
-                port=s.broker.port,
+                "using the broker already running" if b.kind == "existing" else "embedded broker started",
+                broker=b.describe(),
+                **(
+                    {"note": "MQTT 3.1.1 only, no shared subscriptions; install Mosquitto for MQTT 5"}
+                    if b.kind == "amqtt"
+                    else {}
+                ),
             )
         # 4. The pipeline threads, then the MQTT connection that feeds them.
         self.pipeline = Pipeline(
@@ -65,6 +70,7 @@ class Worker:
             detector,
             publish_event=lambda e: self.link.publish_json(s.topics.events, e, qos=1),
             publish_error=lambda e: self.link.publish_json(s.topics.errors, e, qos=0),
+            report=self._report,
         )
         self.pipeline.start()
         self.link = MqttLink(s, self.pipeline.submit)
@@ -110,6 +116,13 @@ class Worker:
             f"serving {self.link.where}: {counts['events']} events, {counts['dropped']} frames dropped, "
             f"{counts['rejected']} rejected"
         )
+
+    def _report(self, outcome: dict, reply) -> None:
+        """A frame's outcome: on its reply topic when it asked, on the skipped topic when it gave no record."""
+        if outcome["outcome"] in SKIPPED:
+            self.link.publish_json(self.settings.topics.skipped, outcome, qos=0)
+        if reply is not None:
+            self.link.publish_reply(reply, outcome)
 
     def serve_until_signal(self) -> None:
         """Serve until SIGTERM or SIGINT (held since start-up, see :mod:`worker.signals`), then stop."""

@@ -123,20 +123,34 @@ class TopicsSettings(Section):
     changes: str = Field("emotion/changes", description="One record per change of a camera's steady emotion.")
     stats: str = Field("emotion/stats", description="The worker's statistics, retained, every stats interval.")
     actions: str = Field("emotion/actions", description="One record per action a rule took.")
+    skipped: str = Field(
+        "emotion/skipped",
+        description="One record per frame that gave neither an event nor an error: no face found, "
+        "too old, or dropped while the worker was behind (QoS 0).",
+    )
 
     @field_validator("frames")
     @classmethod
     def _filters(cls, filters: list[str]) -> list[str]:
         return [check_frame_filter(f) for f in filters]
 
-    @field_validator("events", "errors", "status", "state", "changes", "stats", "actions")
+    @field_validator("events", "errors", "status", "state", "changes", "stats", "actions", "skipped")
     @classmethod
     def _plain(cls, topic: str) -> str:
         return check_plain(topic)
 
 
 class BrokerSettings(Section):
-    embedded: bool = Field(False, description="Start an in-process broker (amqtt, MQTT 3.1.1) and connect to it.")
+    embedded: bool = Field(
+        False,
+        description="Use the MQTT broker already on host:port, else start one (Mosquitto when installed, "
+        "else amqtt), and connect to it with the protocol it speaks; mqtt.host, port and protocol are then ignored.",
+    )
+    kind: Literal["auto", "mosquitto", "amqtt"] = Field(
+        "auto",
+        description="Which broker to start when none is running: auto is Mosquitto (MQTT 5) when installed, "
+        "else amqtt (in-process, MQTT 3.1.1).",
+    )
     host: str = Field("127.0.0.1", description="Address the embedded broker listens on.")
     port: int = Field(1883, ge=0, le=65535, description="Port the embedded broker listens on.")
 
@@ -300,6 +314,32 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         raise ConfigError(f"invalid configuration{where}:\n" + "\n".join(lines)) from None
     finally:
         _config_file.reset(token)
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``--set section.key=value`` options as nested overrides for :func:`load_settings`.
+
+    ``value`` is read as a TOML value when it is one (``8883``, ``true``, ``["a/+"]``,
+    ``"text"``), else taken as text (``broker.lan``). Raises :class:`ConfigError` naming a
+    malformed item; unknown keys are reported by :func:`load_settings`.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set mqtt.port=8883")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is set to a value and used as a section")
+        node[parts[-1]] = value
+    return out
 
 
 def _shown(key: str, value: Any) -> str:

@@ -109,7 +109,9 @@ class _Client(mqtt.Client):
 class MqttLink:
     """One client: frames in, events, errors and status out."""
 
-    def __init__(self, settings: Settings, on_frame: Callable[[str, bytes, float], None]):
+    def __init__(self, settings: Settings, on_frame: Callable[..., None]):
+        """``on_frame(topic, payload, received_at, reply)``: ``reply`` is (response topic, correlation data)
+        when an MQTT 5 frame asked for its outcome, else None."""
         self.settings = settings
         self.on_frame = on_frame
         mq = settings.mqtt
@@ -233,7 +235,22 @@ class MqttLink:
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         if self._accepting:
-            self.on_frame(msg.topic, msg.payload, time.time())
+            props = getattr(msg, "properties", None)
+            topic = getattr(props, "ResponseTopic", None)
+            reply = (topic, getattr(props, "CorrelationData", None)) if topic else None
+            self.on_frame(msg.topic, msg.payload, time.time(), reply)
+
+    def publish_reply(self, reply: tuple[str, bytes | None], doc: dict) -> None:
+        """Publish ``doc`` on a frame's reply topic (QoS 0), with its MQTT 5 correlation data if any."""
+        topic, correlation = reply
+        props = None
+        if correlation is not None and self.protocol == mqtt.MQTTv5:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = correlation
+        self.client.publish(topic, json.dumps(doc, separators=(",", ":")), qos=0, properties=props)
 
     def publish_json(self, topic: str, doc: dict, qos: int = 1) -> None:
         self.client.publish(topic, json.dumps(doc, separators=(",", ":")), qos=qos)
