@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from training.augment import Augment, augment
 from training.data import Split, load_split
@@ -286,6 +285,8 @@ def fit(
         print(f"resuming after epoch {start_epoch} from {state_path}", file=sys.stderr)
     elif resume:
         print(f"no training state in {out} yet; starting from the first epoch", file=sys.stderr)
+
+    from tqdm import tqdm  # the train extra; imported here so evaluate and export work without it
 
     x_train = train.images.unsqueeze(1).to(dev)
     y_train = train.labels.to(dev)

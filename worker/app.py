@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import threading
 
-from worker.broker import EmbeddedBroker
+from worker.broker import RunningBroker, start_broker
 from worker.classify import Classifier, val_acc_key
 from worker.config import Settings
 from worker.discovery import Discovery
+from worker.events import SKIPPED
 from worker.faces import FaceDetector
+from worker.health import HealthReporter
 from worker.log import get_logger
+from worker.metrics import MetricsServer, Sources
 from worker.mqtt import MqttLink
 from worker.pipeline import Pipeline
 from worker.signals import wait_for_stop
@@ -23,12 +26,14 @@ log = get_logger("emotion-worker")
 class Worker:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.broker: EmbeddedBroker | None = None
+        self.broker: RunningBroker | None = None
         self.link: MqttLink | None = None
         self.pipeline: Pipeline | None = None
         self.tracker: StateTracker | None = None
         self.discovery: Discovery | None = None
         self.reporter: StatsReporter | None = None
+        self.metrics: MetricsServer | None = None
+        self.health: HealthReporter | None = None
         self.stopped = threading.Event()
 
     def start(self) -> None:
@@ -51,15 +56,19 @@ class Worker:
         # 2. The face detector.
         detector = FaceDetector(s.detector)
         log.info("face detector ready", kind=s.detector.kind, detect_width=s.detector.detect_width)
-        # 3. The embedded broker, when asked for.
+        # 3. The embedded broker, when asked for: the one already on the port, else Mosquitto, else amqtt.
         if s.broker.embedded:
-            self.broker = EmbeddedBroker(s.broker.host, s.broker.port)
-            self.broker.start()
+            self.broker = start_broker(s.broker.kind, s.broker.host, s.broker.port)
+            b = self.broker.info
+            s.mqtt = s.mqtt.model_copy(update={"host": b.host, "port": b.port, "protocol": b.protocol})
             log.info(
-                "embedded broker listening (amqtt, MQTT 3.1.1; use a broker such as Mosquitto for MQTT 5 "
-                "and shared subscriptions)",
-                host=s.broker.host,
-                port=s.broker.port,
+                "using the broker already running" if b.kind == "existing" else "embedded broker started",
+                broker=b.describe(),
+                **(
+                    {"note": "MQTT 3.1.1 only, no shared subscriptions; install Mosquitto for MQTT 5"}
+                    if b.kind == "amqtt"
+                    else {}
+                ),
             )
         # 4. The pipeline, and the steady emotion per camera that its frames feed (retained state, changes).
         self.pipeline = Pipeline(
@@ -68,6 +77,7 @@ class Worker:
             detector,
             publish_event=lambda e: self.link.publish_json(s.topics.events, e, qos=1),
             publish_error=lambda e: self.link.publish_json(s.topics.errors, e, qos=0),
+            report=self._report,
             observe=lambda frame, faces: self.tracker.observe(frame.device_id, faces),
         )
         model = {"name": info.name, "version": info.version}
@@ -119,6 +129,54 @@ class Worker:
             ),
         )
         self.reporter.start()
+        # 8. The Prometheus endpoint, when asked for.
+        if s.metrics.port:
+            self.metrics = MetricsServer(
+                s.metrics,
+                Sources(
+                    stats=self.pipeline.stats,
+                    model={
+                        "name": info.name,
+                        "version": info.version,
+                        "device": str(classifier.device),
+                        "precision": classifier.precision,
+                        "tta": classifier.tta,
+                    },
+                    queues={"inbox": lambda: len(self.pipeline.inbox), "ready": lambda: len(self.pipeline.ready)},
+                    connected=self.link.connected.is_set,
+                    heartbeat_age=self.pipeline.heartbeat.age,
+                    cuda_device=classifier.device if classifier.device.type == "cuda" else None,
+                ),
+            )
+            self.metrics.start()
+        # 9. Liveness: the heartbeat file `emotion-worker health` reads; under systemd READY=1 once
+        #    connected, and the watchdog while the pipeline makes progress.
+        self.health = HealthReporter(
+            s.health,
+            self.pipeline.heartbeat,
+            ready=lambda: self.link.connections > 0,
+            status=self._status,
+            connected=self.link.connected.is_set,
+        )
+        self.health.start()
+
+    def _status(self) -> str:
+        """One line for `systemctl status`."""
+        if not self.link.connected.is_set():
+            why = f": {self.link.last_error}" if self.link.last_error else ""
+            return f"waiting for the broker at {self.link.where}{why}"
+        counts = self.pipeline.stats.counts
+        return (
+            f"serving {self.link.where}: {counts['events']} events, {counts['dropped']} frames dropped, "
+            f"{counts['rejected']} rejected"
+        )
+
+    def _report(self, outcome: dict, reply) -> None:
+        """A frame's outcome: on its reply topic when it asked, on the skipped topic when it gave no record."""
+        if outcome["outcome"] in SKIPPED:
+            self.link.publish_json(self.settings.topics.skipped, outcome, qos=0)
+        if reply is not None:
+            self.link.publish_reply(reply, outcome)
 
     def serve_until_signal(self) -> None:
         """Serve until SIGTERM or SIGINT (held since start-up, see :mod:`worker.signals`), then stop."""
@@ -132,6 +190,8 @@ class Worker:
             return
         self.stopped.set()
         log.info("stopping")
+        if self.health:
+            self.health.stopping()
         if self.link:
             self.link.stop_consuming()
         if self.pipeline and not self.pipeline.drain(drain_timeout):
@@ -147,5 +207,9 @@ class Worker:
         if self.pipeline:
             self.pipeline.stop()
             log.info("stopped", **self.pipeline.stats.snapshot())
+        if self.health:
+            self.health.stop()
+        if self.metrics:
+            self.metrics.stop()
         if self.broker:
             self.broker.stop()

@@ -25,8 +25,17 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 
 
+Reply = tuple[str, bytes | None]
+"""Where a frame's outcome goes: (topic, MQTT 5 correlation data or None)."""
+
+
 class FrameError(ValueError):
-    """A payload that cannot be processed. ``reason`` is one of the codes below."""
+    """A payload that cannot be processed. ``reason`` is one of the codes below.
+
+    ``reply`` is the envelope's ``reply_to`` when it was read before the error.
+    """
+
+    reply: Reply | None = None
 
     REASONS = (
         "payload_too_large",
@@ -59,6 +68,7 @@ class Frame:
     captured_at: float | None
     image: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+    reply: Reply | None = None
 
     @property
     def timestamp(self) -> float:
@@ -82,8 +92,9 @@ def decode_payload(
 
     ``payload`` is JPEG or PNG bytes, or a JSON object ``{"image": "<base64>",
     "frame_id": "...", "captured_at": "<ISO 8601>" | <epoch seconds>, ...}``
-    whose other keys are kept as ``meta``. Images over ``max_pixels`` pixels
-    are refused from their header, before they are decoded.
+    whose other keys are kept as ``meta``; ``"reply_to": "<topic>"`` asks for the
+    frame's outcome on that topic (see ``docs/getting-started.md``). Images over
+    ``max_pixels`` pixels are refused from their header, before they are decoded.
     """
     received_at = time.time() if received_at is None else received_at
     if len(payload) > max_payload_bytes:
@@ -93,11 +104,19 @@ def decode_payload(
         )
     if not payload:
         raise FrameError("empty_payload", "payload is empty")
-    frame_id, captured_at, meta = None, None, {}
+    frame_id, captured_at, meta, reply = None, None, {}, None
     data = payload
     if payload.lstrip()[:1] in (b"{", b"["):  # "[" too, so a JSON array is told it must be an object
-        data, frame_id, captured_at, meta = _parse_envelope(payload)
-    image = decode_image(data, max_pixels)
+        data, frame_id, captured_at, meta, reply = _parse_envelope(payload)
+        try:
+            image = decode_image(data, max_pixels)
+        except FrameError as err:
+            if err.reason == "not_an_image":
+                err = FrameError("not_an_image", f"JSON 'image' is base64 of {_what(data)}, not of a JPEG or a PNG")
+            err.reply = reply
+            raise err from None
+    else:
+        image = decode_image(data, max_pixels)
     return Frame(
         device_id=device_id,
         topic=topic,
@@ -106,16 +125,41 @@ def decode_payload(
         captured_at=captured_at,
         image=image,
         meta=meta,
+        reply=reply,
     )
 
 
-def _parse_envelope(payload: bytes) -> tuple[bytes, str | None, float | None, dict]:
+def _what(data: bytes) -> str:
+    """A short description of bytes that are not an image, for an error message."""
+    if not data:
+        return "nothing"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or not all(c.isprintable() or c in "\r\n\t" for c in text):
+        return f"{len(data)} bytes starting {data[:8].hex(' ')}"
+    shown = text if len(text) <= 40 else text[:37] + "..."
+    return f"text ({len(data)} bytes: {shown!r})"
+
+
+def _parse_envelope(payload: bytes) -> tuple[bytes, str | None, float | None, dict, Reply | None]:
     try:
         doc = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FrameError("bad_json", f"payload starts like JSON but is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise FrameError("bad_json", "JSON payload must be an object")
+    reply = _reply_to(doc.pop("reply_to", None))
+    try:
+        return (*_envelope_fields(doc), doc, reply)
+    except FrameError as err:
+        err.reply = reply
+        raise
+
+
+def _envelope_fields(doc: dict) -> tuple[bytes, str | None, float | None]:
+    """The image bytes, frame id and capture time of an envelope, popped from ``doc``."""
     image = doc.pop("image", None)
     if not isinstance(image, str) or not image:
         raise FrameError("bad_field", "JSON payload needs 'image', a base64 string of JPEG or PNG bytes")
@@ -129,7 +173,16 @@ def _parse_envelope(payload: bytes) -> tuple[bytes, str | None, float | None, di
     if frame_id is not None and (isinstance(frame_id, bool) or not isinstance(frame_id, (str, int))):
         raise FrameError("bad_field", f"'frame_id' must be a string, got {type(frame_id).__name__}")
     captured_at = parse_time(doc.pop("captured_at", None))
-    return data, None if frame_id is None else str(frame_id), captured_at, doc
+    return data, None if frame_id is None else str(frame_id), captured_at
+
+
+def _reply_to(value: Any) -> Reply | None:
+    """The envelope's ``reply_to``: a topic without wildcards, for the frame's outcome."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or "+" in value or "#" in value or value.startswith("$"):
+        raise FrameError("bad_field", f"'reply_to' must be a topic without wildcards, got {value!r}")
+    return value, None
 
 
 def parse_time(value: Any) -> float | None:

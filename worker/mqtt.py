@@ -7,6 +7,7 @@ and return; subscriptions are made in ``on_connect`` so a reconnect renews them.
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import threading
 import time
@@ -39,17 +40,85 @@ def configure_tls(client: mqtt.Client, tls) -> None:
     client.tls_insecure_set(tls.insecure)
 
 
+def describe_connect_error(exc: BaseException, tls=None) -> str:
+    """Why a connection attempt failed, in words that point at the cause (and the setting to check)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        hint = (
+            "the broker's certificate does not match its address; connect by a name the certificate holds"
+            if "hostname" in str(exc.verify_message).lower() or "ip address mismatch" in str(exc.verify_message).lower()
+            else "is mqtt.tls.ca_certs the CA that signed the broker's certificate?"
+        )
+        return f"TLS handshake failed: certificate verify failed: {exc.verify_message} ({hint})"
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or str(exc)
+        if reason == "WRONG_VERSION_NUMBER":
+            return "TLS handshake failed: the broker did not answer in TLS (is this port a TLS listener?)"
+        return f"TLS handshake failed: {reason.lower().replace('_', ' ')}"
+    if isinstance(exc, ConnectionResetError) and tls is not None and tls.enabled:
+        return "broker closed the connection during the TLS handshake (is this port a TLS listener?)"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused: nothing listens on that port"
+    if isinstance(exc, socket.gaierror):
+        return f"host name not found: {exc.strerror}"
+    if isinstance(exc, TimeoutError):
+        return "timed out: no answer from that address"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def describe_tls_alert(error: str) -> str:
+    """A TLS alert the broker sent while the connection was being set up (paho's socket error text)."""
+    if "CERTIFICATE_REQUIRED" in error:
+        cause = "the broker requires a client certificate (mqtt.tls.certfile, mqtt.tls.keyfile)"
+    elif any(code in error for code in ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "DECRYPT_ERROR")):
+        cause = "the broker does not trust the client certificate (mqtt.tls.certfile)"
+    else:
+        cause = "the broker ended the handshake"
+    detail = error.split("] ", 1)[-1].split(" (_ssl.c", 1)[0]
+    return f"TLS handshake failed: {cause}: {detail}"
+
+
+def describe_refusal(reason: str) -> str:
+    """A CONNACK refusal, with the settings to check for the usual ones."""
+    lowered = reason.lower()
+    if "not authorized" in lowered or "bad user name or password" in lowered:
+        return (
+            f"{reason}: check mqtt.username and the password "
+            "(mqtt.password, mqtt.password_file or the credential mqtt_password)"
+        )
+    if "identifier" in lowered:
+        return f"{reason}: check mqtt.client_id"
+    return reason
+
+
+class _Client(mqtt.Client):
+    """paho's client, keeping the exception of the last failed connection attempt.
+
+    paho's background loop swallows it and only calls ``on_connect_fail``; the worker's log must say why.
+    """
+
+    connect_error: BaseException | None = None
+
+    def reconnect(self):
+        try:
+            return super().reconnect()
+        except Exception as exc:
+            self.connect_error = exc
+            raise
+
+
 class MqttLink:
     """One client: frames in, events, errors and status out."""
 
-    def __init__(self, settings: Settings, on_frame: Callable[[str, bytes, float], None]):
+    def __init__(self, settings: Settings, on_frame: Callable[..., None]):
+        """``on_frame(topic, payload, received_at, reply)``: ``reply`` is (response topic, correlation data)
+        when an MQTT 5 frame asked for its outcome, else None."""
         self.settings = settings
         self.on_frame = on_frame
         mq = settings.mqtt
         self.protocol = mqtt.MQTTv5 if mq.protocol == "5" else mqtt.MQTTv311
         kwargs = {} if self.protocol == mqtt.MQTTv5 else {"clean_session": True}
         self.client_id = mq.effective_client_id()
-        self.client = mqtt.Client(
+        self.client = _Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=self.protocol, **kwargs
         )
         self.client.enable_logger(None)
@@ -57,7 +126,7 @@ class MqttLink:
         self.status_topic = worker_status(settings.topics.status, self.client_id)
         self.client.will_set(self.status_topic, OFFLINE, qos=1, retain=True)
         if mq.username:
-            self.client.username_pw_set(mq.username, mq.password.get_secret_value() or None)
+            self.client.username_pw_set(mq.username, mq.secret())
         if mq.tls.enabled:
             configure_tls(self.client, mq.tls)
         self.client.reconnect_delay_set(
@@ -69,10 +138,16 @@ class MqttLink:
         self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_log = self._on_log
         self.connected = threading.Event()
         self.connections = 0
         self._accepting = True
         self._subscriptions: list[tuple[str, int]] = []  # besides the frames, in the order they were added
+        # Why the last attempt failed, for the status systemd shows; None once connected.
+        self.last_error: str | None = None
+        # Whether the broker accepted or refused this connection; a disconnect before either is a failed attempt.
+        self._in_session = self._refused = False
+        self._socket_error: str | None = None  # paho's last "failed to receive" error, e.g. a TLS alert
 
     @property
     def where(self) -> str:
@@ -96,8 +171,14 @@ class MqttLink:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.error("broker refused the connection", broker=self.where, reason=str(reason_code))
+            self._refused = True
+            self.last_error = f"broker refused the connection: {describe_refusal(str(reason_code))}"
+            log.error(
+                "broker refused the connection, retrying", broker=self.where, error=describe_refusal(str(reason_code))
+            )
             return
+        self._in_session = True
+        self.last_error = None
         self.connections += 1
         topics = self.settings.topics
         if self._accepting:
@@ -115,16 +196,64 @@ class MqttLink:
         )
 
     def _on_connect_fail(self, client, userdata) -> None:
-        log.warning("broker unreachable, retrying", broker=self.where)
+        exc, client.connect_error = client.connect_error, None
+        error = describe_connect_error(exc, self.settings.mqtt.tls) if exc is not None else "unknown cause"
+        self.last_error = error
+        if isinstance(exc, ssl.SSLError):  # no retry fixes a certificate: someone must act
+            log.error("TLS handshake failed, retrying", broker=self.where, error=error)
+        else:
+            log.warning("broker unreachable, retrying", broker=self.where, error=error)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
-        if self._accepting:
-            log.warning("disconnected from broker, reconnecting", broker=self.where, reason=str(reason_code))
+        in_session, refused, socket_error = self._in_session, self._refused, self._socket_error
+        self._in_session = self._refused = False
+        self._socket_error = None
+        if not self._accepting or refused:  # a refusal was logged with its reason
+            return
+        if in_session:
+            detail = {"error": socket_error} if socket_error else {}
+            log.warning("disconnected from broker, reconnecting", broker=self.where, reason=str(reason_code), **detail)
+        elif socket_error and "SSL" in socket_error:
+            self.last_error = describe_tls_alert(socket_error)
+            log.error("TLS handshake failed, retrying", broker=self.where, error=self.last_error)
+        else:
+            # The broker hung up before accepting the connection: most often TLS it wanted, or a client
+            # certificate it did not get or did not trust. Its own log says which.
+            tls = self.settings.mqtt.tls
+            if not tls.enabled:
+                cause = "does this port require TLS (mqtt.tls.enabled)?"
+            elif tls.certfile is None:
+                cause = "does it require a client certificate (mqtt.tls.certfile, mqtt.tls.keyfile)?"
+            else:
+                cause = "did it reject the client certificate (mqtt.tls.certfile)?"
+            self.last_error = f"the broker closed the connection before accepting it: {cause}"
+            log.error(
+                "broker closed the connection before accepting it, retrying", broker=self.where, error=self.last_error
+            )
+
+    def _on_log(self, client, userdata, level, buf: str) -> None:
+        if level == mqtt.MQTT_LOG_ERR and buf.startswith("failed to receive on socket: "):
+            self._socket_error = buf[len("failed to receive on socket: ") :]
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         if self._accepting:
-            self.on_frame(msg.topic, msg.payload, time.time())
+            props = getattr(msg, "properties", None)
+            topic = getattr(props, "ResponseTopic", None)
+            reply = (topic, getattr(props, "CorrelationData", None)) if topic else None
+            self.on_frame(msg.topic, msg.payload, time.time(), reply)
+
+    def publish_reply(self, reply: tuple[str, bytes | None], doc: dict) -> None:
+        """Publish ``doc`` on a frame's reply topic (QoS 0), with its MQTT 5 correlation data if any."""
+        topic, correlation = reply
+        props = None
+        if correlation is not None and self.protocol == mqtt.MQTTv5:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = correlation
+        self.client.publish(topic, json.dumps(doc, separators=(",", ":")), qos=0, properties=props)
 
     def subscribe(self, topic_filter: str, qos: int, callback: Callable[[str, bytes, bool], None]) -> None:
         """Also subscribe to ``topic_filter``, now and on each reconnect (all such filters in one request, in the

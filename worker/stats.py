@@ -5,12 +5,41 @@ from __future__ import annotations
 import math
 import threading
 import time
+from bisect import bisect_left
 from collections import Counter, deque
 from collections.abc import Callable
 
 from worker.log import get_logger
 
 log = get_logger("emotion-worker.stats")
+
+# Upper bounds of the histograms' buckets, as Prometheus exports them (seconds, faces).
+HISTOGRAMS = {
+    "latency_seconds": (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    "inference_seconds": (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+    "batch_faces": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+}
+
+
+class Histogram:
+    """Counts of observations at or below each bound, their sum and number: a Prometheus histogram."""
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = tuple(bounds)
+        self._counts = [0] * (len(self.bounds) + 1)  # the last: above every bound
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(bound, observations at or below it) for each bound, then (inf, all observations)."""
+        out, total = [], 0
+        for bound, n in zip((*self.bounds, float("inf")), self._counts):
+            total += n
+            out.append((bound, total))
+        return out
 
 
 class Stats:
@@ -21,6 +50,8 @@ class Stats:
         self.counts: Counter = Counter()
         self.rejected: Counter = Counter()
         self.latencies: deque = deque(maxlen=2000)  # ms
+        self.histograms = {name: Histogram(bounds) for name, bounds in HISTOGRAMS.items()}
+        self.publishes_dropped: Counter = Counter()  # by topic
 
     def add(self, key: str, n: int = 1) -> None:
         with self._lock:
@@ -34,6 +65,29 @@ class Stats:
     def latency(self, ms: float) -> None:
         with self._lock:
             self.latencies.append(ms)
+            self.histograms["latency_seconds"].observe(ms / 1000)
+
+    def observe(self, name: str, value: float) -> None:
+        """Add ``value`` to the histogram ``name`` (one of :data:`HISTOGRAMS`)."""
+        with self._lock:
+            self.histograms[name].observe(value)
+
+    def publish_dropped(self, topic: str, n: int = 1) -> None:
+        """Count ``n`` messages to ``topic`` that never reached the broker."""
+        with self._lock:
+            self.counts["publishes_dropped"] += n
+            self.publishes_dropped[topic] += n
+
+    def histogram(self, name: str) -> tuple[list[tuple[float, int]], float]:
+        """The histogram ``name``: its cumulative buckets (see :meth:`Histogram.cumulative`) and sum."""
+        with self._lock:
+            h = self.histograms[name]
+            return h.cumulative(), h.sum
+
+    def counters(self) -> tuple[dict, dict, dict]:
+        """Copies of the counters, the rejections by reason and the dropped publishes by topic, taken together."""
+        with self._lock:
+            return dict(self.counts), dict(self.rejected), dict(self.publishes_dropped)
 
     def snapshot(self) -> dict:
         with self._lock:
@@ -132,10 +186,7 @@ class StatsReporter:
     def document(self) -> dict:
         """The stats since start (counters) and over the last interval (rates, latencies, batch size)."""
         now = self.clock()
-        snap = self.stats.snapshot()
-        rejected_by_reason = snap.pop("rejected_by_reason", {})
-        for key in ("latency_ms_p50", "latency_ms_p95"):
-            snap.pop(key, None)
+        snap, rejected_by_reason, dropped_by_topic = self.stats.counters()
         lat, batches, batched = self.interval.take()
         frames = {k: snap.pop(k, 0) for k in FRAME_COUNTS}
         frames["rejected_by_reason"] = rejected_by_reason
@@ -157,7 +208,8 @@ class StatsReporter:
             "precision": ctx.get("precision"),
             "model": ctx.get("model"),
             "detector": ctx.get("detector"),
-            "counts": snap,  # every other counter (state changes, publish errors, ...)
+            "counts": snap,  # every other counter (state changes, publishes dropped, ...)
+            "publishes_dropped_by_topic": dropped_by_topic,
         }
 
     def report(self) -> dict:

@@ -254,9 +254,29 @@ def test_not_an_image(payload):
     assert "not a JPEG, a PNG or a JSON object" in message
 
 
-def test_not_an_image_inside_an_envelope():
+def test_not_an_image_inside_an_envelope_says_what_the_image_held():
     payload = envelope(image=base64.b64encode(b"plain text, not a picture").decode())
-    assert "not a JPEG" in refused(payload, "not_an_image")
+    message = refused(payload, "not_an_image")
+    # The payload was a JSON object: the message is about its 'image'.
+    assert "JSON object" not in message
+    assert message == "JSON 'image' is base64 of text (25 bytes: 'plain text, not a picture'), not of a JPEG or a PNG"
+    binary = refused(envelope(image=base64.b64encode(b"\x00\x01\x02\x03binary").decode()), "not_an_image")
+    assert "10 bytes starting 00 01 02 03" in binary
+
+
+def test_reply_to_in_the_envelope_is_kept_even_when_the_frame_is_refused(jpeg):
+    frame = decode_payload(
+        envelope(image=base64.b64encode(jpeg).decode(), reply_to="me/replies/f1"), "cam1", "t", 10**7, 10**8
+    )
+    assert frame.reply == ("me/replies/f1", None) and "reply_to" not in frame.meta
+    with pytest.raises(FrameError) as err:
+        decode_payload(
+            envelope(image=base64.b64encode(b"text").decode(), reply_to="me/replies/f2"), "cam1", "t", 10**7, 10**8
+        )
+    assert err.value.reply == ("me/replies/f2", None)
+    with pytest.raises(FrameError) as err:
+        decode_payload(envelope(image=base64.b64encode(jpeg).decode(), reply_to="me/+/x"), "cam1", "t", 10**7, 10**8)
+    assert err.value.reason == "bad_field" and "reply_to" in str(err.value)
 
 
 def test_truncated_jpeg(jpeg):

@@ -338,7 +338,7 @@ def test_embedded_broker_serves_mqtt_311_clients(worker_env, tmp_path, face_fram
     from tests.conftest import Listener
 
     port = free_port()
-    env = {**worker_env, "EMOTION_BROKER__PORT": str(port)}
+    env = {**worker_env, "EMOTION_BROKER__PORT": str(port), "EMOTION_BROKER__KIND": "amqtt"}
     proc = start_worker(env, tmp_path / "embedded.log", "--embedded-broker")
     try:
         wait_port(port, STARTUP_S)
@@ -351,7 +351,7 @@ def test_embedded_broker_serves_mqtt_311_clients(worker_env, tmp_path, face_fram
         event = payload(listener.wait_for(lambda m: m.topic == EVENTS, 30, "event via the embedded broker"))
         assert event["device_id"] == "lounge"
         text = (tmp_path / "embedded.log").read_text()
-        assert "amqtt, MQTT 3.1.1" in text
+        assert f"(in-process) on 127.0.0.1:{port}, MQTT 3.1.1" in text and "amqtt 0.12" in text
         camera.loop_stop()
         listener.close()
         assert stop(proc) == 0
