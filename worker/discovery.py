@@ -332,11 +332,11 @@ class Discovery:
                 connected_at = connected_at or time.monotonic()
                 if time.monotonic() - connected_at > WAIT_FOR_SCAN_S:
                     log.warning(
-                        "the worker's own status did not come back; cameras removed from the config are not "
-                        "cleared this time",
+                        "the worker's own status did not come back (may it read it? see config/mosquitto.acl); "
+                        "cameras removed from the config are not cleared this time",
                         status=self.status_topic,
                     )
-                    self._begin()
+                    self._begin(read_back=False)
                 continue
             try:
                 self._run(task)
@@ -347,7 +347,7 @@ class Discovery:
         kind = task[0]
         if kind == "online":
             if not self._scanned.is_set():
-                self._begin()
+                self._begin(read_back=True)
             else:
                 self._announce_all()  # a reconnect: the broker may have lost its retained messages
         elif kind == "announce" and self._scanned.is_set():
@@ -357,11 +357,20 @@ class Discovery:
         elif kind == "removed":
             self._removed(task[1])
 
-    def _begin(self) -> None:
+    def _begin(self, read_back: bool) -> None:
         """The retained configs are read: clear cameras dropped from the config, then announce everything."""
         self._scanned.set()
         configured = set(self.settings.homeassistant.cameras)
         removed = sorted(self._configured_before - configured)
+        with self._lock:
+            announced_before = sorted(set(self._retained.values()))
+        log.info(
+            "announcing to Home Assistant",
+            read_back=read_back,
+            cameras_announced_before=announced_before,
+            cameras_removed=removed,
+            workers=len(self._workers),
+        )
         for device in removed:
             log.info("camera removed from the config, removing it from Home Assistant", device=device)
         if removed:
