@@ -63,7 +63,7 @@ class Worker:
             publish_error=lambda e: self.link.publish_json(s.topics.errors, e, qos=0),
         )
         self.pipeline.start()
-        self.link = MqttLink(s, self.pipeline.submit)
+        self.link = MqttLink(s, self.pipeline.submit, stats=self.pipeline.stats)
         self.link.start()
 
     def serve_until_signal(self) -> None:
