@@ -255,11 +255,12 @@ class MqttLink:
         topics = self.settings.topics
         with self._lock:
             self._forget_unwritten_qos0()
-            # Availability first: the last will may already have said offline, and nothing that waited
-            # in the outage queue may hold `online` back.
-            self._send(Outgoing(self.status_topic, ONLINE, 1, True))
+            # Subscribed before `online`, so a client that sees `online` knows frames will be taken.
             if self._accepting:
                 client.subscribe([(f, 1) for f in topics.frames])
+            # Then availability, before any message: the last will may already have said offline, and
+            # nothing that waited in the outage queue may hold `online` back.
+            self._send(Outgoing(self.status_topic, ONLINE, 1, True))
             waiting = [*self._held_retained.values(), *self._held]
             self._held_retained.clear()
             self._held.clear()

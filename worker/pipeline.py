@@ -25,7 +25,7 @@ from worker.config import Settings
 from worker.events import face_record, make_error, make_event
 from worker.faces import Box, FaceDetector, crop_faces
 from worker.frames import Frame, FrameError, decode_payload
-from worker.log import get_logger
+from worker.log import Throttled, get_logger
 from worker.stats import Stats
 from worker.topics import device_id_for
 
@@ -97,6 +97,8 @@ class Pipeline:
         self._pending_cond = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._last_drop_log = 0.0
+        self._stale_log = Throttled(log, "frames skipped, older than pipeline.max_age_s", key="device")
+        self._decode_warning_log = Throttled(log, "frames decoded despite corrupt data", key="device")
 
     # -- life cycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -123,6 +125,8 @@ class Pipeline:
         self._stop.set()
         for t in self._threads:
             t.join(timeout)
+        self._stale_log.flush()
+        self._decode_warning_log.flush()
 
     # -- input (paho's network thread) -----------------------------------------------------------
     def submit(self, topic: str, payload: bytes, received_at: float) -> None:
@@ -183,22 +187,28 @@ class Pipeline:
             self._reject(None, msg, err)
             return None
         if time.time() - msg.received_at > p.max_age_s:
-            self.stats.add("stale")
+            self._stale(device, time.time() - msg.received_at)
             return None
         try:
             frame = decode_payload(msg.payload, device, msg.topic, p.max_payload_bytes, p.max_pixels, msg.received_at)
         except FrameError as err:
             self._reject(device, msg, err)
             return None
+        if frame.warnings:
+            self.stats.add("decode_warnings")
+            self._decode_warning_log(device, frame=frame.frame_id, warning=frame.warnings[0])
         with structlog.contextvars.bound_contextvars(device=device, frame=frame.frame_id):
             age = time.time() - frame.timestamp
             if age > p.max_age_s:
-                self.stats.add("stale")
-                log.debug("frame skipped, too old", age_s=round(age, 2), max_age_s=p.max_age_s)
+                self._stale(device, age)
                 return None
             boxes = self.detector.detect(frame.image)
             log.debug("frame decoded", size=f"{frame.image.shape[1]}x{frame.image.shape[0]}", faces=len(boxes))
         return Job(frame, boxes, crop_faces(frame.image, boxes))
+
+    def _stale(self, device: str, age_s: float) -> None:
+        self.stats.add("stale")
+        self._stale_log(device, age_s=round(age_s, 2), max_age_s=self.settings.pipeline.max_age_s)
 
     def _reject(self, device: str | None, msg: Message, err: FrameError) -> None:
         self.stats.reject(err.reason)
