@@ -133,6 +133,8 @@ class MqttLink:
         self._mid_lock = threading.Lock()
         self._pending: dict[int, Outgoing] = {}
         self._early: dict[int, mqtt.ReasonCode] = {}  # answers that came before publish() returned
+        self._online_mid: int | None = None  # the `online` of the current connection
+        self._online_answered = threading.Event()
         self._lost_log = {
             "queue_full": Throttled(
                 log, "outage queue full, dropping the oldest messages", loss="queue_full", queue_size=mq.queue_size
@@ -170,6 +172,7 @@ class MqttLink:
         self.client.loop_start()
 
     def wait_connected(self, timeout: float) -> bool:
+        """Wait until connected, ``online`` published and what waited during an outage sent; False after ``timeout`` s."""
         return self.connected.wait(timeout)
 
     # -- publishing ---------------------------------------------------------------------------------
@@ -188,21 +191,22 @@ class MqttLink:
     def publish_json(self, topic: str, doc: dict, qos: int = 1, retain: bool = False) -> None:
         self.publish(topic, json.dumps(doc, separators=(",", ":")).encode(), qos, retain)
 
-    def _send(self, msg: Outgoing) -> None:
-        """Hand ``msg`` to paho and check the result; call with ``_lock`` held."""
+    def _send(self, msg: Outgoing) -> int | None:
+        """Hand ``msg`` to paho and check the result; call with ``_lock`` held. Returns the message id."""
         info = self.client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
         if info.rc == mqtt.MQTT_ERR_NO_CONN and msg.qos == 0:
             self._hold(msg)  # the connection went before paho noticed; paho keeps only QoS 1 for the next one
-            return
+            return None
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # NO_CONN: paho sends QoS 1 later
             self._lost("publish_error", msg.topic, error=mqtt.error_string(info.rc))
-            return
+            return None
         with self._mid_lock:
             answer = self._early.pop(info.mid, None)
             if answer is None:
                 self._pending[info.mid] = msg
         if answer is not None and answer.is_failure:
             self._lost("refused", msg.topic, reason=str(answer))
+        return info.mid
 
     def _hold(self, msg: Outgoing) -> None:
         """Keep ``msg`` until the broker is back; call with ``_lock`` held."""
@@ -218,6 +222,8 @@ class MqttLink:
         self._held.append(msg)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        if mid == self._online_mid:
+            self._online_answered.set()
         with self._mid_lock:
             msg = self._pending.pop(mid, None)
             if msg is None:
@@ -260,7 +266,39 @@ class MqttLink:
                 client.subscribe([(f, 1) for f in topics.frames])
             # Then availability, before any message: the last will may already have said offline, and
             # nothing that waited in the outage queue may hold `online` back.
-            self._send(Outgoing(self.status_topic, ONLINE, 1, True))
+            self._online_answered.clear()
+            self._online_mid = self._send(Outgoing(self.status_topic, ONLINE, 1, True))
+            if self._online_mid is None:  # refused by paho itself: no answer will come
+                self._online_answered.set()
+        threading.Thread(
+            target=self._send_waiting, args=(self.connections,), name="mqtt-after-outage", daemon=True
+        ).start()
+        log.info(
+            "connected" if self.connections == 1 else "reconnected",
+            broker=self.where,
+            subscribed=topics.frames,
+            events=topics.events,
+            status=self.status_topic,
+            session_present=flags.session_present,
+        )
+        if self.persistent and not flags.session_present and self.connections > 1:
+            log.warning(
+                "the broker kept no session for this worker: frames published while it was away are lost",
+                broker=self.where,
+                client_id=self.client_id,
+            )
+
+    def _send_waiting(self, connection: int) -> None:
+        """Send what waited in the outage queue once the broker has answered `online`.
+
+        By then paho has sent again what the last connection left unacknowledged (it does so right
+        after ``on_connect``), so an older retained value can never land after a newer one.
+        """
+        if not self._online_answered.wait(2 * self.settings.mqtt.keepalive_s):
+            return  # this connection went too; the next one sends them
+        with self._lock:
+            if connection != self.connections or not self.client.is_connected():
+                return
             waiting = [*self._held_retained.values(), *self._held]
             self._held_retained.clear()
             self._held.clear()
@@ -270,21 +308,8 @@ class MqttLink:
         self.connected.set()
         for throttle in self._lost_log.values():
             throttle.flush()
-        log.info(
-            "connected" if self.connections == 1 else "reconnected",
-            broker=self.where,
-            subscribed=topics.frames,
-            events=topics.events,
-            status=self.status_topic,
-            session_present=flags.session_present,
-            sent_after_outage=len(waiting),
-        )
-        if self.persistent and not flags.session_present and self.connections > 1:
-            log.warning(
-                "the broker kept no session for this worker: frames published while it was away are lost",
-                broker=self.where,
-                client_id=self.client_id,
-            )
+        if waiting:
+            log.info("sent what waited for the broker", messages=len(waiting), broker=self.where)
 
     def _forget_unwritten_qos0(self) -> None:
         """Count as lost the QoS 0 messages paho had not written when the last connection dropped."""
@@ -352,11 +377,12 @@ class MqttLink:
         What still waits then (the broker is away or slow) is counted and logged as lost.
         """
         self._accepting = False
-        if self.connected.is_set():
-            self.publish(self.status_topic, OFFLINE, qos=1, retain=True)
-            deadline = time.monotonic() + timeout
-            while self._pending and time.monotonic() < deadline:
-                time.sleep(0.02)
+        with self._lock:
+            if self.client.is_connected():  # straight to paho: `offline` never waits behind the outage queue
+                self._send(Outgoing(self.status_topic, OFFLINE, 1, True))
+        deadline = time.monotonic() + timeout
+        while self.unacknowledged and self.client.is_connected() and time.monotonic() < deadline:
+            time.sleep(0.02)
         with self._lock:
             self._ready = False
             waiting = [*self._held_retained.values(), *self._held]
