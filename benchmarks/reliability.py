@@ -1,12 +1,13 @@
 """What survives what: frames and events through worker restarts, kill -9, broker restarts and outages.
 
-    python benchmarks/reliability.py [--fps F] [--weights W] [--queue-size Q] [--outage-events N]
+    python benchmarks/reliability.py [--fps F] [--pipeline-queue P] [--weights W] [--queue-size Q] [--outage-events N]
 
 Each scenario starts its own Mosquitto on a free port. A camera publishes numbered
 frames with QoS 1 at F frames a second; the worker (``emotion-worker run``, detector
 ``none``, so every frame that is processed gives an event) is restarted, killed or
 cut off from the broker in the middle, and a listener counts the events and reads
-the retained status topics. The outage scenario drives the worker's MQTT client
+the retained status topics. Frames without an event are split into those the
+workers counted (shed when behind, older than pipeline.max_age_s) and the rest. The outage scenario drives the worker's MQTT client
 directly: N events are published while a TCP relay between it and the broker is
 cut (the broker stays up and publishes the last will), more than its outage queue
 of Q holds.
@@ -44,6 +45,7 @@ WORK = Path(tempfile.mkdtemp(prefix="reliability-"))
 def worker(port: int, name: str, args, **env) -> tuple[subprocess.Popen, Path]:
     full = {k: v for k, v in os.environ.items() if not k.startswith("EMOTION_")}
     full.update(
+        EMOTION_PIPELINE__QUEUE_SIZE=str(args.pipeline_queue),
         EMOTION_MQTT__PORT=str(port),
         EMOTION_MQTT__RECONNECT_MIN_S="1",
         EMOTION_MQTT__RECONNECT_MAX_S="2",
@@ -128,13 +130,24 @@ def stopped_counts(log: Path) -> dict:
     return lines[-1] if lines else {}
 
 
+def accounted(listener: Listener, sent: int, logs: list[Path]) -> str:
+    """Frames with no event, split into those the workers counted (shed when behind, too old) and the rest."""
+    missing, dups = outcome(listener, sent)
+    counts = [stopped_counts(log) for log in logs]
+    dropped = sum(c.get("dropped", 0) for c in counts)
+    stale = sum(c.get("stale", 0) for c in counts)
+    return (
+        f"without an event {missing}: counted as dropped when behind {dropped}, as older than max_age_s {stale}, "
+        f"not counted {missing - dropped - stale}; with two events {dups}"
+    )
+
+
 def worker_restart(args, kill: bool) -> str:
     broker = Mosquitto(_dir("restart"))
     broker.start()
     status = f"emotion/status/emotion-worker-{os.uname().nodename}"
     listener = Listener(broker.port, [EVENTS, status])
-    env = {"EMOTION_PIPELINE__QUEUE_SIZE": "1000", "EMOTION_PIPELINE__MAX_AGE_S": "120"}
-    proc, _ = worker(broker.port, "first", args, **env)
+    proc, first_log = worker(broker.port, "first", args)
     wait(lambda: online(listener, status), 120, "first worker online")
     camera = Camera(broker.port, args.fps)
     camera.start()
@@ -143,20 +156,18 @@ def worker_restart(args, kill: bool) -> str:
     proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
     proc.wait(30)
     seen = len(listener.on(status))
-    proc, log = worker(broker.port, "second", args, **env)
+    proc, log = worker(broker.port, "second", args)
     down = wait(lambda: online(listener, status, seen), 120, "second worker online")
     during = camera.sent - at_stop
     time.sleep(3)
     camera.stop()
     settle(listener, camera.sent)
-    missing, dups = outcome(listener, camera.sent)
     proc.send_signal(signal.SIGTERM)
     proc.wait(30)
     broker.stop()
     what = "kill -9, then start" if kill else "restart (SIGTERM, start)"
-    return (
-        f"worker {what}: {camera.sent} frames, {during} of them in the {down:.1f} s it was away; "
-        f"without an event: {missing}, with two: {dups}; stale {stopped_counts(log).get('stale', 0)}"
+    return f"worker {what}: {camera.sent} frames, {during} of them in the {down:.1f} s it was away; " + accounted(
+        listener, camera.sent, [first_log, log]
     )
 
 
@@ -173,22 +184,22 @@ def broker_restart(args) -> str:
     time.sleep(3)
     broker.stop()
     time.sleep(5)
+    t0 = time.monotonic()
     broker.start()
-    back = wait(lambda: '"reconnected"' in log.read_text(), 60, "the worker's reconnection")
+    wait(lambda: '"reconnected"' in log.read_text(), 60, "the worker's reconnection")
+    back = time.monotonic() - t0
     time.sleep(3)
     camera.stop()
     settle(listener, camera.sent)
-    missing, dups = outcome(listener, camera.sent)
     retained = Listener(broker.port, [status])
     wait(lambda: retained.messages, 10, "the retained status")
     proc.send_signal(signal.SIGTERM)
     proc.wait(30)
     broker.stop()
-    counts = stopped_counts(log)
     return (
-        f"broker restart (5 s away, persistence on): {camera.sent} frames, without an event: {missing} "
-        f"(of which older than max_age_s {counts.get('stale', 0)}), with two: {dups}; worker back {back:.1f} s "
-        f"after the broker; status then '{retained.messages[0].payload.decode()}'"
+        f"broker restart (5 s away, persistence on): {camera.sent} frames; "
+        + accounted(listener, camera.sent, [log])
+        + f"; worker back {back:.1f} s after the broker started; status then '{retained.messages[0].payload.decode()}'"
     )
 
 
@@ -244,7 +255,6 @@ def two_workers_kill_one(args) -> str:
     time.sleep(3)
     camera.stop()
     settle(listener, camera.sent)
-    missing, dups = outcome(listener, camera.sent)
     b_after = sum(
         1
         for line in log_b.read_text().splitlines()
@@ -257,8 +267,9 @@ def two_workers_kill_one(args) -> str:
     b.wait(30)
     broker.stop()
     return (
-        f"two workers on $share/, kill -9 of one: {camera.sent} frames, without an event: {missing}, with two: "
-        f"{dups}; before the kill a took {a_events} of {at_kill}; after it b took {b_after} of "
+        f"two workers on $share/, kill -9 of one: {camera.sent} frames; "
+        + accounted(listener, camera.sent, [log_b])
+        + f"; before the kill a took {a_events} of {at_kill}; after it b took {b_after} of "
         f"{camera.sent - at_kill}; status {statuses}"
     )
 
@@ -273,6 +284,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fps", type=float, default=10, help="frames a second from the camera (default 10)")
     ap.add_argument("--weights", type=Path, help="checkpoint (default: the bundled model)")
+    ap.add_argument(
+        "--pipeline-queue", type=int, default=8, help="the workers' pipeline.queue_size (default 8, the default)"
+    )
     ap.add_argument("--queue-size", type=int, default=1000, help="mqtt.queue_size in the outage (default 1000)")
     ap.add_argument("--outage-events", type=int, default=2000, help="events made during the outage (default 2000)")
     args = ap.parse_args()
