@@ -323,8 +323,8 @@ class MqttLink:
         log.warning("broker unreachable, retrying", broker=self.where)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        with self._lock:
-            self._ready = False
+        # No _lock here: paho may call this while holding its message lock, which _lock's holders wait for.
+        self._ready = False
         self.connected.clear()
         if not self._accepting:
             return  # stopping
