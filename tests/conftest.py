@@ -159,13 +159,17 @@ class Outage:
                 threading.Thread(target=self._pump, args=(src, dst, gate), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, gate) -> None:
+        def flowing() -> bool:  # waits while paused; False once the relay is closed or cut
+            while gate is not None and not gate.wait(0.1):
+                if self._stop.is_set() or src.fileno() < 0:
+                    return False
+            return True
+
         try:
-            while True:
-                while gate is not None and not gate.wait(0.1):
-                    if self._stop.is_set() or src.fileno() < 0:
-                        return
+            while flowing():
                 data = src.recv(65536)
-                if not data:
+                # Read before a pause, sent after it only once the relay flows again.
+                if not data or not flowing():
                     break
                 dst.sendall(data)
         except OSError:
