@@ -18,12 +18,12 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/emotion-worker run --embedded-broker
 
-# Debian's Mosquitto: the tests start their own broker on a free port.
+# Debian's Mosquitto: the tests start their own broker on a free port. openssl makes the TLS tests' certificates.
 mosquitto:
-	@command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || { \
-	  echo "installing mosquitto (Debian package)"; \
+	@{ command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto; } && command -v openssl >/dev/null || { \
+	  echo "installing mosquitto and openssl (Debian packages)"; \
 	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq mosquitto >/dev/null; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq mosquitto openssl >/dev/null; }
 
 test: $(STAMP) mosquitto
 	$(BIN)/python -m pytest

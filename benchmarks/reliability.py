@@ -225,7 +225,7 @@ def outage_longer_than_the_queue(args) -> str:
     after = [m.payload for m in listener.on(link.status_topic)[first + 1 :]]
     took = time.monotonic() - t0
     ns = [json.loads(m.payload)["n"] for m in listener.on(EVENTS)]
-    lost = link.stats.snapshot()["publish_lost_by_reason"]
+    lost = link.stats.snapshot()["publishes_dropped_by_reason"]
     link.close()
     relay.close()
     broker.stop()

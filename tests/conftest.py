@@ -336,3 +336,23 @@ def signals_blocked_by_other_threads(pid: int) -> dict[str, set[int]]:
         mask = int(status["SigBlk"], 16)
         out[f"{status['Name'].strip()}-{task.name}"] = {n for n in range(1, 65) if mask >> (n - 1) & 1}
     return out
+
+
+@pytest.fixture
+def json_log():
+    """The worker's JSON logging into a buffer at info level; the process's logging is restored afterwards."""
+    import io
+    import logging
+
+    import structlog
+
+    from worker.log import setup_logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    buf = io.StringIO()
+    setup_logging("info", "json", stream=buf)
+    yield buf
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -8,7 +8,9 @@ from worker.broker import EmbeddedBroker
 from worker.classify import Classifier, val_acc_key
 from worker.config import Settings
 from worker.faces import FaceDetector
+from worker.health import HealthReporter
 from worker.log import get_logger
+from worker.metrics import MetricsServer, Sources
 from worker.mqtt import MqttLink
 from worker.pipeline import Pipeline
 from worker.signals import wait_for_stop
@@ -22,6 +24,8 @@ class Worker:
         self.broker: EmbeddedBroker | None = None
         self.link: MqttLink | None = None
         self.pipeline: Pipeline | None = None
+        self.metrics: MetricsServer | None = None
+        self.health: HealthReporter | None = None
         self.stopped = threading.Event()
 
     def start(self) -> None:
@@ -65,6 +69,47 @@ class Worker:
         self.pipeline.start()
         self.link = MqttLink(s, self.pipeline.submit, stats=self.pipeline.stats)
         self.link.start()
+        # 5. The Prometheus endpoint, when asked for.
+        if s.metrics.port:
+            self.metrics = MetricsServer(
+                s.metrics,
+                Sources(
+                    stats=self.pipeline.stats,
+                    model={
+                        "name": info.name,
+                        "version": info.version,
+                        "device": str(classifier.device),
+                        "precision": classifier.precision,
+                        "tta": classifier.tta,
+                    },
+                    queues={"inbox": lambda: len(self.pipeline.inbox), "ready": lambda: len(self.pipeline.ready)},
+                    connected=self.link.connected.is_set,
+                    heartbeat_age=self.pipeline.heartbeat.age,
+                    cuda_device=classifier.device if classifier.device.type == "cuda" else None,
+                ),
+            )
+            self.metrics.start()
+        # 6. Liveness: the heartbeat file `emotion-worker health` reads; under systemd READY=1 once
+        #    connected, and the watchdog while the pipeline makes progress.
+        self.health = HealthReporter(
+            s.health,
+            self.pipeline.heartbeat,
+            ready=lambda: self.link.connections > 0,
+            status=self._status,
+            connected=self.link.connected.is_set,
+        )
+        self.health.start()
+
+    def _status(self) -> str:
+        """One line for `systemctl status`."""
+        if not self.link.connected.is_set():
+            why = f": {self.link.last_error}" if self.link.last_error else ""
+            return f"waiting for the broker at {self.link.where}{why}"
+        counts = self.pipeline.stats.counts
+        return (
+            f"serving {self.link.where}: {counts['events']} events, {counts['dropped']} frames dropped, "
+            f"{counts['rejected']} rejected"
+        )
 
     def serve_until_signal(self) -> None:
         """Serve until SIGTERM or SIGINT (held since start-up, see :mod:`worker.signals`), then stop."""
@@ -78,6 +123,8 @@ class Worker:
             return
         self.stopped.set()
         log.info("stopping")
+        if self.health:
+            self.health.stopping()
         if self.link:
             self.link.stop_consuming()
         if self.pipeline and not self.pipeline.drain(drain_timeout):
@@ -87,5 +134,9 @@ class Worker:
         if self.pipeline:
             self.pipeline.stop()
             log.info("stopped", **self.pipeline.stats.snapshot())
+        if self.health:
+            self.health.stop()
+        if self.metrics:
+            self.metrics.stop()
         if self.broker:
             self.broker.stop()

@@ -1,4 +1,4 @@
-"""``emotion-worker``: run the worker, classify images, play a camera, watch events, show the config."""
+"""``emotion-worker``: run the worker, classify images, play a camera, watch events, show the config, check health."""
 
 from __future__ import annotations
 
@@ -53,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     p = with_config(sub.add_parser("config", help="print the effective configuration, secrets masked"))
     p.add_argument("--json", action="store_true", help="as JSON instead of TOML")
 
+    with_config(
+        sub.add_parser(
+            "health",
+            help="exit 0 when the running worker's pipeline made progress or was idle within health.max_age_s, else 1",
+        )
+    )
+
     args = parser.parse_args(argv)
     if args.command in ("run", "watch"):
         # Before any import starts a thread (numpy's OpenBLAS, torch, paho, the pipeline).
@@ -68,10 +75,15 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config, **overrides)
     except ConfigError as exc:
         print(f"emotion-worker: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    return {"run": _run, "classify": _classify, "publish": _publish, "watch": _watch, "config": _config}[args.command](
-        settings, args
-    )
+        return 1 if args.command == "health" else EXIT_CONFIG  # Docker reserves a health check's exit 2
+    return {
+        "run": _run,
+        "classify": _classify,
+        "publish": _publish,
+        "watch": _watch,
+        "config": _config,
+        "health": _health,
+    }[args.command](settings, args)
 
 
 def _run(settings, args) -> int:
@@ -167,16 +179,21 @@ def _client(settings, name: str):
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2, client_id=f"emotion-{name}-{time.time_ns() % 10**9}", protocol=mqtt.MQTTv311
     )
-    if mq.username:
-        client.username_pw_set(mq.username, mq.password.get_secret_value() or None)
     try:
+        if mq.username:
+            client.username_pw_set(mq.username, mq.secret())
         if mq.tls.enabled:
             configure_tls(client, mq.tls)
         client.connect(mq.host, mq.port, mq.keepalive_s)
     except ValueError as exc:
         raise SystemExit(f"emotion-worker {name}: {exc}") from None
     except OSError as exc:
-        raise SystemExit(f"emotion-worker {name}: cannot reach the broker at {mq.host}:{mq.port}: {exc}") from None
+        from worker.mqtt import describe_connect_error
+
+        raise SystemExit(
+            f"emotion-worker {name}: cannot connect to the broker at {mq.host}:{mq.port}: "
+            f"{describe_connect_error(exc, mq.tls)}"
+        ) from None
     return client
 
 
@@ -321,6 +338,14 @@ def _config(settings, args) -> int:
     data = masked(settings)
     print(json.dumps(data, indent=2) if args.json else to_toml(data))
     return 0
+
+
+def _health(settings, args) -> int:
+    from worker.health import check, heartbeat_path
+
+    ok, message = check(heartbeat_path(settings.health.heartbeat_file), settings.health.max_age_s)
+    print(message, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -50,6 +50,11 @@ class MqttSettings(Section):
     )
     username: str = Field("", description="User name; empty connects anonymously.")
     password: SecretStr = Field(SecretStr(""), description="Password; never logged or printed.")
+    password_file: Path | None = Field(
+        None,
+        description="File holding the password (one line), instead of 'password'. Unset, the worker reads "
+        "systemd's credential $CREDENTIALS_DIRECTORY/mqtt_password when there is one.",
+    )
     keepalive_s: int = Field(30, ge=5, le=3600, description="Keep-alive interval in seconds.")
     reconnect_min_s: float = Field(
         1.0, gt=0, description="First delay before reconnecting, in seconds; doubles each try."
@@ -79,6 +84,40 @@ class MqttSettings(Section):
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must not be smaller than reconnect_min_s")
         return self
+
+    @field_validator("password_file")
+    @classmethod
+    def _readable(cls, path: Path | None) -> Path | None:
+        if path is not None and not os.access(path, os.R_OK):
+            raise ValueError(f"{path} does not exist or cannot be read" if path.exists() else f"{path} does not exist")
+        return path
+
+    @model_validator(mode="after")
+    def _one_password(self) -> MqttSettings:
+        if self.password_file is not None and self.password.get_secret_value():
+            raise ValueError("set password or password_file, not both")
+        return self
+
+    def secret(self) -> str | None:
+        """The password: 'password', else the content of 'password_file', else systemd's credential
+        ``$CREDENTIALS_DIRECTORY/mqtt_password``; None when there is none. One trailing line break is removed.
+
+        Raises ValueError naming the file when it cannot be read.
+        """
+        if self.password.get_secret_value():
+            return self.password.get_secret_value()
+        path, key = self.password_file, "mqtt.password_file"
+        if path is None and os.environ.get("CREDENTIALS_DIRECTORY"):
+            path, key = Path(os.environ["CREDENTIALS_DIRECTORY"]) / "mqtt_password", "credential mqtt_password"
+            if not path.is_file():
+                return None
+        if path is None:
+            return None
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{key}: cannot read {path}: {exc}") from None
+        return text.removesuffix("\n").removesuffix("\r") or None
 
     def effective_client_id(self) -> str:
         return self.client_id or f"emotion-worker-{socket.gethostname()}"
@@ -170,6 +209,28 @@ class PipelineSettings(Section):
     stats_interval_s: float = Field(60.0, ge=0, description="Seconds between statistics log lines; 0 turns them off.")
 
 
+class HealthSettings(Section):
+    max_age_s: float = Field(
+        30.0,
+        gt=0,
+        description="The worker is unhealthy when a pipeline stage with work waiting has made no progress "
+        "for this long, in seconds (`emotion-worker health`, systemd's watchdog).",
+    )
+    heartbeat_file: Path | None = Field(
+        None,
+        description="File the heartbeat is written to for `emotion-worker health`; unset: "
+        "$RUNTIME_DIRECTORY/heartbeat under systemd, else <temp dir>/emotion-worker-<uid>/heartbeat. "
+        "Two workers of one user on one host need one each.",
+    )
+
+
+class MetricsSettings(Section):
+    port: int = Field(
+        0, ge=0, le=65535, description="Port of the Prometheus endpoint (/metrics); 0 turns it off, 9464 is usual."
+    )
+    host: str = Field("0.0.0.0", description="Address the endpoint listens on; 127.0.0.1 keeps it to this host.")
+
+
 class LogSettings(Section):
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")
     format: Literal["auto", "json", "console"] = Field(
@@ -198,6 +259,8 @@ class Settings(BaseSettings):
         default_factory=PipelineSettings, description="Queues, limits and what to publish."
     )
     log: LogSettings = Field(default_factory=LogSettings, description="Logging.")
+    health: HealthSettings = Field(default_factory=HealthSettings, description="Liveness: heartbeat and watchdog.")
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings, description="Prometheus metrics endpoint.")
 
     @classmethod
     def settings_customise_sources(
@@ -257,7 +320,7 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
 
 
 def _shown(key: str, value: Any) -> str:
-    if "password" in key:
+    if "password" in key and not key.endswith("password_file"):
         return "'**********'"
     text = repr(_hide_secrets(value))
     return text if len(text) <= 80 else text[:77] + "..."
@@ -266,7 +329,10 @@ def _shown(key: str, value: Any) -> str:
 def _hide_secrets(value: Any) -> Any:
     """``value`` with passwords masked, for a whole section shown by a section-level error."""
     if isinstance(value, dict):
-        return {k: "**********" if "password" in str(k) else _hide_secrets(v) for k, v in value.items()}
+        return {
+            k: "**********" if "password" in str(k) and not str(k).endswith("_file") else _hide_secrets(v)
+            for k, v in value.items()
+        }
     return value
 
 

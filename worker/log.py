@@ -18,15 +18,18 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
 
 
 class PahoRetryNoise(logging.Filter):
-    """Drop paho's "Client is not connected".
+    """Drop paho's "Client is not connected" and "failed to receive on socket".
 
-    paho logs it as an error after each failed reconnection attempt. The worker already
+    paho logs the first as an error after each failed reconnection attempt. The worker already
     logs "broker unreachable, retrying" then, and the events it publishes meanwhile wait
     in paho's queue until the broker is back: nothing is wrong that the log must show.
+    The worker's own line on the disconnect or failed handshake carries the second's error.
     """
 
+    NOISE = ("Client is not connected", "failed to receive on socket")
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name.startswith("paho") and record.getMessage().startswith("Client is not connected"))
+        return not (record.name.startswith("paho") and record.getMessage().startswith(self.NOISE))
 
 
 class _LibraryHandler(logging.StreamHandler):

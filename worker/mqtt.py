@@ -7,12 +7,13 @@ Nothing is lost without a word. Every publish's result is checked. While the bro
 messages wait in the outage queue (``mqtt.queue_size``; when it is full the oldest goes),
 retained ones apart, the last one per topic, never dropped. On every (re)connect ``online`` goes
 out first, then what waited. A broker's refusal (the MQTT 5 PUBACK reason code, e.g. "Not
-authorized") is logged and counted by topic, like every other loss (:meth:`Stats.publish_lost`).
+authorized") is logged and counted by topic, like every other loss (:meth:`Stats.publish_dropped`).
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import threading
 import time
@@ -55,6 +56,72 @@ def configure_tls(client: mqtt.Client, tls) -> None:
     client.tls_insecure_set(tls.insecure)
 
 
+def describe_connect_error(exc: BaseException, tls=None) -> str:
+    """Why a connection attempt failed, in words that point at the cause (and the setting to check)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        hint = (
+            "the broker's certificate does not match its address; connect by a name the certificate holds"
+            if "hostname" in str(exc.verify_message).lower() or "ip address mismatch" in str(exc.verify_message).lower()
+            else "is mqtt.tls.ca_certs the CA that signed the broker's certificate?"
+        )
+        return f"TLS handshake failed: certificate verify failed: {exc.verify_message} ({hint})"
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or str(exc)
+        if reason == "WRONG_VERSION_NUMBER":
+            return "TLS handshake failed: the broker did not answer in TLS (is this port a TLS listener?)"
+        return f"TLS handshake failed: {reason.lower().replace('_', ' ')}"
+    if isinstance(exc, ConnectionResetError) and tls is not None and tls.enabled:
+        return "broker closed the connection during the TLS handshake (is this port a TLS listener?)"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused: nothing listens on that port"
+    if isinstance(exc, socket.gaierror):
+        return f"host name not found: {exc.strerror}"
+    if isinstance(exc, TimeoutError):
+        return "timed out: no answer from that address"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def describe_tls_alert(error: str) -> str:
+    """A TLS alert the broker sent while the connection was being set up (paho's socket error text)."""
+    if "CERTIFICATE_REQUIRED" in error:
+        cause = "the broker requires a client certificate (mqtt.tls.certfile, mqtt.tls.keyfile)"
+    elif any(code in error for code in ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "DECRYPT_ERROR")):
+        cause = "the broker does not trust the client certificate (mqtt.tls.certfile)"
+    else:
+        cause = "the broker ended the handshake"
+    detail = error.split("] ", 1)[-1].split(" (_ssl.c", 1)[0]
+    return f"TLS handshake failed: {cause}: {detail}"
+
+
+def describe_refusal(reason: str) -> str:
+    """A CONNACK refusal, with the settings to check for the usual ones."""
+    lowered = reason.lower()
+    if "not authorized" in lowered or "bad user name or password" in lowered:
+        return (
+            f"{reason}: check mqtt.username and the password "
+            "(mqtt.password, mqtt.password_file or the credential mqtt_password)"
+        )
+    if "identifier" in lowered:
+        return f"{reason}: check mqtt.client_id"
+    return reason
+
+
+class _Client(mqtt.Client):
+    """paho's client, keeping the exception of the last failed connection attempt.
+
+    paho's background loop swallows it and only calls ``on_connect_fail``; the worker's log must say why.
+    """
+
+    connect_error: BaseException | None = None
+
+    def reconnect(self):
+        try:
+            return super().reconnect()
+        except Exception as exc:
+            self.connect_error = exc
+            raise
+
+
 def session_expiry_s(settings: Settings) -> int:
     """The session expiry the worker asks the broker for, in seconds.
 
@@ -90,7 +157,7 @@ class MqttLink:
         self.client_id = mq.effective_client_id()
         # Frames are acknowledged once the pipeline has them, so the ones that arrive while the worker
         # stops stay with the broker, which delivers them again to the next start (persistent session).
-        self.client = mqtt.Client(
+        self.client = _Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=self.protocol,
@@ -102,7 +169,7 @@ class MqttLink:
         self.status_topic = worker_status(settings.topics.status, self.client_id)
         self.client.will_set(self.status_topic, OFFLINE, qos=1, retain=True)
         if mq.username:
-            self.client.username_pw_set(mq.username, mq.password.get_secret_value() or None)
+            self.client.username_pw_set(mq.username, mq.secret())
         if mq.tls.enabled:
             configure_tls(self.client, mq.tls)
         self._delays = (max(1, round(mq.reconnect_min_s)), max(1, round(mq.reconnect_max_s)))
@@ -115,10 +182,16 @@ class MqttLink:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
+        self.client.on_log = self._on_log
         self.connected = threading.Event()
         self.connections = 0
         self.left_at_stop = 0  # frames that arrived after stop_consuming, not acknowledged
         self._accepting = True
+        # Why the last attempt failed, for the status systemd shows; None once connected.
+        self.last_error: str | None = None
+        # Whether the broker accepted or refused this connection; a disconnect before either is a failed attempt.
+        self._in_session = self._refused = False
+        self._socket_error: str | None = None  # paho's last "failed to receive" error, e.g. a TLS alert
         self._taken_over = False
         self._connected_at = 0.0  # monotonic
         self._short_lived = 0  # connections in a row that the broker closed soon after they were made
@@ -233,7 +306,7 @@ class MqttLink:
             self._lost("refused", msg.topic, reason=str(reason_code))
 
     def _lost(self, loss: str, topic: str, n: int = 1, **fields) -> None:
-        self.stats.publish_lost(loss, topic, n)
+        self.stats.publish_dropped(topic, n, reason=loss)
         self._lost_log[loss](topic, n, **fields)
 
     @property
@@ -251,8 +324,14 @@ class MqttLink:
     # -- connection ---------------------------------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.error("broker refused the connection", broker=self.where, reason=str(reason_code))
+            self._refused = True
+            self.last_error = f"broker refused the connection: {describe_refusal(str(reason_code))}"
+            log.error(
+                "broker refused the connection, retrying", broker=self.where, error=describe_refusal(str(reason_code))
+            )
             return
+        self._in_session = True
+        self.last_error = None
         self.connections += 1
         self._connected_at = time.monotonic()
         if self._taken_over:
@@ -320,30 +399,64 @@ class MqttLink:
             self._lost("connection_lost", msg.topic)
 
     def _on_connect_fail(self, client, userdata) -> None:
-        log.warning("broker unreachable, retrying", broker=self.where)
+        exc, client.connect_error = client.connect_error, None
+        error = describe_connect_error(exc, self.settings.mqtt.tls) if exc is not None else "unknown cause"
+        self.last_error = error
+        if isinstance(exc, ssl.SSLError):  # no retry fixes a certificate: someone must act
+            log.error("TLS handshake failed, retrying", broker=self.where, error=error)
+        else:
+            log.warning("broker unreachable, retrying", broker=self.where, error=error)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         # No _lock here: paho may call this while holding its message lock, which _lock's holders wait for.
         self._ready = False
         self.connected.clear()
-        if not self._accepting:
-            return  # stopping
-        lived = time.monotonic() - self._connected_at
-        self._short_lived = self._short_lived + 1 if lived < SHORT_LIVED_S else 0
-        if reason_code == SESSION_TAKEN_OVER:
-            self._client_id_conflict(
-                "another client connected with this worker's client id and took its session over; "
-                "give each worker its own mqtt.client_id"
-            )
-        elif self._short_lived >= SHORT_LIVED_IN_A_ROW and not self._taken_over:
-            self._client_id_conflict(
-                f"the broker closed the connection soon after it was made, {self._short_lived} times in a row: "
-                "another client probably uses this worker's client id (give each worker its own "
-                "mqtt.client_id), or the broker refuses something; its log says which",
-                connection_lived_s=round(lived, 2),
-            )
+        in_session, refused, socket_error = self._in_session, self._refused, self._socket_error
+        self._in_session = self._refused = False
+        self._socket_error = None
+        if not self._accepting or refused:  # stopping, or a refusal that was logged with its reason
+            return
+        if in_session:
+            lived = time.monotonic() - self._connected_at
+            self._short_lived = self._short_lived + 1 if lived < SHORT_LIVED_S else 0
+            if reason_code == SESSION_TAKEN_OVER:
+                self._client_id_conflict(
+                    "another client connected with this worker's client id and took its session over; "
+                    "give each worker its own mqtt.client_id"
+                )
+            elif self._short_lived >= SHORT_LIVED_IN_A_ROW and not self._taken_over:
+                self._client_id_conflict(
+                    f"the broker closed the connection soon after it was made, {self._short_lived} times in a row: "
+                    "another client probably uses this worker's client id (give each worker its own "
+                    "mqtt.client_id), or the broker refuses something; its log says which",
+                    connection_lived_s=round(lived, 2),
+                )
+            else:
+                detail = {"error": socket_error} if socket_error else {}
+                log.warning(
+                    "disconnected from broker, reconnecting", broker=self.where, reason=str(reason_code), **detail
+                )
+        elif socket_error and "SSL" in socket_error:
+            self.last_error = describe_tls_alert(socket_error)
+            log.error("TLS handshake failed, retrying", broker=self.where, error=self.last_error)
         else:
-            log.warning("disconnected from broker, reconnecting", broker=self.where, reason=str(reason_code))
+            # The broker hung up before accepting the connection: most often TLS it wanted, or a client
+            # certificate it did not get or did not trust. Its own log says which.
+            tls = self.settings.mqtt.tls
+            if not tls.enabled:
+                cause = "does this port require TLS (mqtt.tls.enabled)?"
+            elif tls.certfile is None:
+                cause = "does it require a client certificate (mqtt.tls.certfile, mqtt.tls.keyfile)?"
+            else:
+                cause = "did it reject the client certificate (mqtt.tls.certfile)?"
+            self.last_error = f"the broker closed the connection before accepting it: {cause}"
+            log.error(
+                "broker closed the connection before accepting it, retrying", broker=self.where, error=self.last_error
+            )
+
+    def _on_log(self, client, userdata, level, buf: str) -> None:
+        if level == mqtt.MQTT_LOG_ERR and buf.startswith("failed to receive on socket: "):
+            self._socket_error = buf[len("failed to receive on socket: ") :]
 
     def _client_id_conflict(self, message: str, **fields) -> None:
         # Reconnecting at once would take the session back and start a tug of war; wait the longest delay.

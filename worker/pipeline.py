@@ -25,6 +25,7 @@ from worker.config import Settings
 from worker.events import face_record, make_error, make_event
 from worker.faces import Box, FaceDetector, crop_faces
 from worker.frames import Frame, FrameError, decode_payload
+from worker.health import Heartbeat
 from worker.log import Throttled, get_logger
 from worker.stats import Stats
 from worker.topics import device_id_for
@@ -92,6 +93,8 @@ class Pipeline:
         self.inbox = DropOldestQueue(p.queue_size)
         self.ready = DropOldestQueue(p.queue_size)
         self.stats = Stats()
+        # Each stage beats when it finishes work or finds none: see worker.health.
+        self.heartbeat = Heartbeat(("prepare", "inference"))
         self._stop = threading.Event()
         self._pending = 0  # frames accepted and not yet finished
         self._pending_cond = threading.Condition()
@@ -159,6 +162,7 @@ class Pipeline:
     def _prepare_loop(self) -> None:
         while not self._stop.is_set():
             msg = self.inbox.get(timeout=0.1)
+            self.heartbeat.beat("prepare")
             if msg is None:
                 continue
             try:
@@ -173,6 +177,8 @@ class Pipeline:
                 self.stats.add("no_face")
                 if self.settings.pipeline.publish_empty:
                     self._publish(job.frame, [])
+                else:
+                    self.stats.add("processed")
                 self._done()
             else:
                 dropped = self.ready.put(job)
@@ -232,6 +238,7 @@ class Pipeline:
         m = self.settings.model
         while not self._stop.is_set():
             first = self.ready.get(timeout=0.1)
+            self.heartbeat.beat("inference")
             if first is None:
                 continue
             jobs, faces = [first], len(first.boxes)
@@ -253,7 +260,11 @@ class Pipeline:
                 self._done(len(jobs))
 
     def _classify(self, jobs: list[Job]) -> None:
-        probs = self.classifier.predict(np.concatenate([j.crops for j in jobs])).tolist()
+        crops = np.concatenate([j.crops for j in jobs])
+        started = time.perf_counter()
+        probs = self.classifier.predict(crops).tolist()
+        self.stats.observe("inference_seconds", time.perf_counter() - started)
+        self.stats.observe("batch_faces", len(crops))
         classes = self.classifier.info.classes
         at = 0
         for job in jobs:
@@ -272,6 +283,7 @@ class Pipeline:
             self._frame_failed(frame, "publish", exc)
             return
         self.stats.add("events")
+        self.stats.add("processed")
         self.stats.latency(event["latency_ms"])
         log.info(
             "event",

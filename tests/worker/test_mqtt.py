@@ -153,7 +153,7 @@ def link_to(port: int, on_frame=lambda *a: None, **mqtt_settings) -> MqttLink:
 
 
 def lost(link: MqttLink) -> dict:
-    return link.stats.snapshot()["publish_lost_by_reason"]
+    return link.stats.snapshot()["publishes_dropped_by_reason"]
 
 
 def test_an_outage_longer_than_the_queue_keeps_the_newest_and_online_goes_out_first(broker, clients, json_log):
@@ -267,6 +267,7 @@ def test_a_session_taken_over_reason_is_reported_at_once(json_log):
 
     link = MqttLink(Settings(mqtt={"client_id": "twin", "reconnect_max_s": 7}), on_frame=lambda *a: None)
     taken = ReasonCode(PacketTypes.DISCONNECT, identifier=0x8E)
+    link._in_session = True  # as after an accepted connection
     link._on_disconnect(link.client, None, DisconnectFlags(False), taken, Properties(PacketTypes.DISCONNECT))
     assert link.stats.counts["client_id_conflicts"] == 1
     (line,) = records(json_log)
