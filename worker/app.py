@@ -73,7 +73,7 @@ class Worker:
             report=self._report,
         )
         self.pipeline.start()
-        self.link = MqttLink(s, self.pipeline.submit)
+        self.link = MqttLink(s, self.pipeline.submit, stats=self.pipeline.stats)
         self.link.start()
         # 5. The Prometheus endpoint, when asked for.
         if s.metrics.port:
