@@ -345,7 +345,7 @@ def test_frames_published_while_the_worker_is_away_wait_for_it(broker, clients, 
     camera = publisher(b.port)
     got: list[bytes] = []
 
-    def frame(topic, payload, at):
+    def frame(topic, payload, at, reply=None):
         got.append(payload)
 
     link = link_to(b.port, on_frame=frame, protocol=protocol)
@@ -368,11 +368,11 @@ def test_without_a_session_frames_published_while_away_are_not_kept(broker, clie
     b = broker()
     camera = publisher(b.port)
     got: list[bytes] = []
-    link = link_to(b.port, on_frame=lambda t, p, a: got.append(p), session_expiry_s=0)
+    link = link_to(b.port, on_frame=lambda t, p, a, r=None: got.append(p), session_expiry_s=0)
     link.stop_consuming()
     link.close()
     camera.publish("emotion/frames/cam", b"away", qos=1).wait_for_publish(5)
-    clients(link_to(b.port, on_frame=lambda t, p, a: got.append(p), session_expiry_s=0))
+    clients(link_to(b.port, on_frame=lambda t, p, a, r=None: got.append(p), session_expiry_s=0))
     deadline = time.monotonic() + 10
     while not got:  # until the new subscription is in place
         assert time.monotonic() < deadline, "no frame after the return"
