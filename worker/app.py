@@ -94,7 +94,7 @@ class Worker:
         # 5. The pipeline threads, then the MQTT connection that feeds them. Discovery subscribes before the
         #    connection, so that the first one reads back what was announced before.
         self.pipeline.start()
-        self.link = MqttLink(s, self.pipeline.submit)
+        self.link = MqttLink(s, self.pipeline.submit, stats=self.pipeline.stats)
         if s.homeassistant.discovery:
             self.discovery = Discovery(
                 s,

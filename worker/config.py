@@ -61,6 +61,23 @@ class MqttSettings(Section):
     )
     reconnect_max_s: float = Field(30.0, gt=0, description="Longest delay between reconnection attempts, in seconds.")
     tls: TLSSettings = Field(default_factory=TLSSettings, description="TLS options.")
+    queue_size: int = Field(
+        1000,
+        ge=0,
+        le=1_000_000,
+        description="Messages (events, errors, changes) kept for the broker while it is away. When full, the "
+        "oldest is dropped, counted and logged: after an outage the newest say more about now. Retained messages "
+        "(status, state, stats) are kept apart, the last one per topic, and never dropped.",
+    )
+    session_expiry_s: int | None = Field(
+        None,
+        ge=0,
+        le=4_294_967_295,
+        description="How long the broker keeps this worker's session, its subscriptions and the QoS 1 frames "
+        "that arrive for it, while the worker is away, in seconds. Unset: 3600, or 0 when a frames filter is a "
+        "'$share/' group (the broker would hold an absent member's share of the frames; the group serves them). "
+        "0: a new session on every connect.",
+    )
 
     @model_validator(mode="after")
     def _delays(self) -> MqttSettings:

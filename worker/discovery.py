@@ -231,7 +231,7 @@ class Discovery:
         model: dict,
         classes: tuple[str, ...],
         tracker,
-        publish: Callable[[str, bytes | str, bool], None],
+        publish: Callable[[str, bytes, bool], None],
         is_connected: Callable[[], bool] = lambda: True,
     ):
         self.settings = settings
@@ -429,7 +429,7 @@ class Discovery:
         return configs + states
 
     def _send(self, topic: str, config: dict) -> None:
-        self.publish(topic, json.dumps(config, separators=(",", ":")), True)
+        self.publish(topic, json.dumps(config, separators=(",", ":")).encode(), True)
         self.sent += 1
 
 

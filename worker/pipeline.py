@@ -29,7 +29,7 @@ from worker.events import face_record, make_error, make_event, make_outcome
 from worker.faces import Box, FaceDetector, crop_faces
 from worker.frames import Frame, FrameError, Reply, decode_payload
 from worker.health import Heartbeat
-from worker.log import get_logger
+from worker.log import Throttled, get_logger
 from worker.stats import IntervalStats, Stats
 from worker.topics import device_id_for
 
@@ -110,6 +110,8 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
         self._last_drop_log = 0.0
         self._no_face_log: dict[str, tuple[float | None, int]] = {}  # device: (last line, frames since)
+        self._stale_log = Throttled(log, "frames skipped, older than pipeline.max_age_s", key="device")
+        self._decode_warning_log = Throttled(log, "frames decoded despite corrupt data", key="device")
 
     # -- life cycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -134,6 +136,8 @@ class Pipeline:
         self._stop.set()
         for t in self._threads:
             t.join(timeout)
+        self._stale_log.flush()
+        self._decode_warning_log.flush()
 
     # -- input (paho's network thread) -----------------------------------------------------------
     def submit(self, topic: str, payload: bytes, received_at: float, reply: Reply | None = None) -> None:
@@ -236,8 +240,8 @@ class Pipeline:
             return None
         age = time.time() - msg.received_at
         if age > p.max_age_s:
-            self.stats.add("stale")
-            self._outcome("stale", device, msg.topic, None, _stale(age, "waiting", p.max_age_s), msg.reply)
+            self._stale(device, age)
+            self._outcome("stale", device, msg.topic, None, _stale_message(age, "waiting", p.max_age_s), msg.reply)
             return None
         try:
             frame = decode_payload(msg.payload, device, msg.topic, p.max_payload_bytes, p.max_pixels, msg.received_at)
@@ -246,16 +250,22 @@ class Pipeline:
             return None
         if msg.reply is not None:  # the MQTT 5 response topic wins over the envelope's reply_to
             frame.reply = msg.reply
+        if frame.warnings:
+            self.stats.add("decode_warnings")
+            self._decode_warning_log(device, frame=frame.frame_id, warning=frame.warnings[0])
         with structlog.contextvars.bound_contextvars(device=device, frame=frame.frame_id):
             age = time.time() - frame.timestamp
             if age > p.max_age_s:
-                self.stats.add("stale")
-                log.debug("frame skipped, too old", age_s=round(age, 2), max_age_s=p.max_age_s)
-                self._frame_outcome("stale", frame, _stale(age, "since capture", p.max_age_s))
+                self._stale(device, age)
+                self._frame_outcome("stale", frame, _stale_message(age, "since capture", p.max_age_s))
                 return None
             boxes = self.detector.detect(frame.image)
             log.debug("frame decoded", size=f"{frame.image.shape[1]}x{frame.image.shape[0]}", faces=len(boxes))
         return Job(frame, boxes, crop_faces(frame.image, boxes))
+
+    def _stale(self, device: str, age_s: float) -> None:
+        self.stats.add("stale")
+        self._stale_log(device, age_s=round(age_s, 2), max_age_s=self.settings.pipeline.max_age_s)
 
     def _reject(self, device: str | None, msg: Message, err: FrameError) -> None:
         self.stats.reject(err.reason)
@@ -356,5 +366,5 @@ class Pipeline:
         )
 
 
-def _stale(age: float, how: str, limit: float) -> str:
+def _stale_message(age: float, how: str, limit: float) -> str:
     return f"skipped: {age:.1f} s old ({how}), limit is {limit:g} s (pipeline.max_age_s)"

@@ -6,7 +6,7 @@ import math
 import threading
 import time
 from bisect import bisect_left
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 
 from worker.log import get_logger
@@ -52,6 +52,7 @@ class Stats:
         self.latencies: deque = deque(maxlen=2000)  # ms
         self.histograms = {name: Histogram(bounds) for name, bounds in HISTOGRAMS.items()}
         self.publishes_dropped: Counter = Counter()  # by topic
+        self.publishes_dropped_by: defaultdict[str, Counter] = defaultdict(Counter)  # reason -> topic -> messages
 
     def add(self, key: str, n: int = 1) -> None:
         with self._lock:
@@ -72,11 +73,17 @@ class Stats:
         with self._lock:
             self.histograms[name].observe(value)
 
-    def publish_dropped(self, topic: str, n: int = 1) -> None:
-        """Count ``n`` messages to ``topic`` that never reached the broker."""
+    def publish_dropped(self, topic: str, n: int = 1, reason: str = "publish_error") -> None:
+        """Count ``n`` messages to ``topic`` that never reached the broker, and why.
+
+        Reasons: ``queue_full`` (the outage queue was full), ``refused`` (the broker answered with an
+        error, e.g. not authorized), ``publish_error`` (the client could not send it), ``connection_lost``
+        (QoS 0, in the client's buffer when the connection dropped), ``shutdown`` (still waiting at stop).
+        """
         with self._lock:
             self.counts["publishes_dropped"] += n
             self.publishes_dropped[topic] += n
+            self.publishes_dropped_by[reason][topic] += n
 
     def histogram(self, name: str) -> tuple[list[tuple[float, int]], float]:
         """The histogram ``name``: its cumulative buckets (see :meth:`Histogram.cumulative`) and sum."""
@@ -94,6 +101,7 @@ class Stats:
             lat = sorted(self.latencies)
             out = dict(self.counts)
             out["rejected_by_reason"] = dict(self.rejected)
+            out["publishes_dropped_by_reason"] = {r: dict(topics) for r, topics in self.publishes_dropped_by.items()}
         if lat:
             out["latency_ms_p50"] = round(lat[len(lat) // 2], 1)
             out["latency_ms_p95"] = round(lat[min(len(lat) - 1, int(len(lat) * 0.95))], 1)
@@ -186,7 +194,8 @@ class StatsReporter:
     def document(self) -> dict:
         """The stats since start (counters) and over the last interval (rates, latencies, batch size)."""
         now = self.clock()
-        snap, rejected_by_reason, dropped_by_topic = self.stats.counters()
+        snap, rejected_by_reason, _ = self.stats.counters()
+        dropped_by_reason = self.stats.snapshot().get("publishes_dropped_by_reason", {})
         lat, batches, batched = self.interval.take()
         frames = {k: snap.pop(k, 0) for k in FRAME_COUNTS}
         frames["rejected_by_reason"] = rejected_by_reason
@@ -209,7 +218,7 @@ class StatsReporter:
             "model": ctx.get("model"),
             "detector": ctx.get("detector"),
             "counts": snap,  # every other counter (state changes, publishes dropped, ...)
-            "publishes_dropped_by_topic": dropped_by_topic,
+            "publishes_dropped_by_reason": dropped_by_reason,  # reason -> topic -> messages
         }
 
     def report(self) -> dict:

@@ -12,10 +12,15 @@ from worker.frames import FrameError
 
 def strip_share(topic_filter: str) -> str:
     """The topic filter without an MQTT 5 ``$share/<group>/`` prefix."""
-    if topic_filter.startswith("$share/"):
+    if is_shared(topic_filter):
         parts = topic_filter.split("/", 2)
         return parts[2] if len(parts) == 3 else ""
     return topic_filter
+
+
+def is_shared(topic_filter: str) -> bool:
+    """Whether ``topic_filter`` is an MQTT 5 shared subscription (``$share/<group>/...``)."""
+    return topic_filter.startswith("$share/")
 
 
 def matches(topic_filter: str, topic: str) -> bool:

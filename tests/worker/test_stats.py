@@ -74,7 +74,11 @@ def test_stats_document_counts_since_start_and_rates_over_the_interval():
     assert doc["queue_depth"] == 3 and doc["device"] == "cpu" and doc["precision"] == "bf16"
     assert doc["model"] == {"name": "m", "version": "v"} and doc["detector"] == "haar"
     assert doc["counts"] == {"state_changes": 2}
-    assert doc["publishes_dropped_by_topic"] == {}
+    assert doc["publishes_dropped_by_reason"] == {}
+    stats.publish_dropped("emotion/events", 3, reason="queue_full")
+    doc = reporter.report()
+    assert doc["counts"]["publishes_dropped"] == 3
+    assert doc["publishes_dropped_by_reason"] == {"queue_full": {"emotion/events": 3}}
 
     # The next interval: rates and latencies of that interval only.
     stats.add("processed", 30)
