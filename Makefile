@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint install mosquitto bench soak clean
+.PHONY: run test test-ha lint install mosquitto bench soak clean
 
 # PyTorch is most of the install. Without an NVIDIA GPU (no working nvidia-smi) its CPU
 # build comes from TORCH_CPU_INDEX when that answers within 5 s, else the default wheels
@@ -45,6 +45,12 @@ mosquitto:
 
 test: $(STAMP) mosquitto
 	$(BIN)/python -m pytest
+
+# Opt-in: a real Home Assistant 2024.3 and Mosquitto check what the worker's MQTT discovery makes there
+# (docs/home-assistant.md). The harness installs Home Assistant once into ~/.cache/emotion-ha-venv (about 2 min).
+HA_TOOL ?= ../shared/tools/ha.py
+test-ha: $(STAMP) mosquitto
+	$(BIN)/python tests/ha/check_home_assistant.py --ha-tool $(HA_TOOL)
 
 # Style: the same checks CI runs.
 lint: $(STAMP)

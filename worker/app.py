@@ -7,6 +7,7 @@ import threading
 from worker.broker import RunningBroker, start_broker
 from worker.classify import Classifier, val_acc_key
 from worker.config import Settings
+from worker.discovery import Discovery
 from worker.events import SKIPPED
 from worker.faces import FaceDetector
 from worker.health import HealthReporter
@@ -15,6 +16,9 @@ from worker.metrics import MetricsServer, Sources
 from worker.mqtt import MqttLink
 from worker.pipeline import Pipeline
 from worker.signals import wait_for_stop
+from worker.state import StateTracker
+from worker.stats import StatsReporter
+from worker.topics import device_topic, worker_stats
 
 log = get_logger("emotion-worker")
 
@@ -25,6 +29,9 @@ class Worker:
         self.broker: RunningBroker | None = None
         self.link: MqttLink | None = None
         self.pipeline: Pipeline | None = None
+        self.tracker: StateTracker | None = None
+        self.discovery: Discovery | None = None
+        self.reporter: StatsReporter | None = None
         self.metrics: MetricsServer | None = None
         self.health: HealthReporter | None = None
         self.stopped = threading.Event()
@@ -63,7 +70,7 @@ class Worker:
                     else {}
                 ),
             )
-        # 4. The pipeline threads, then the MQTT connection that feeds them.
+        # 4. The pipeline, and the steady emotion per camera that its frames feed (retained state, changes).
         self.pipeline = Pipeline(
             s,
             classifier,
@@ -71,11 +78,58 @@ class Worker:
             publish_event=lambda e: self.link.publish_json(s.topics.events, e, qos=1),
             publish_error=lambda e: self.link.publish_json(s.topics.errors, e, qos=0),
             report=self._report,
+            observe=lambda frame, faces: self.tracker.observe(frame.device_id, faces),
         )
+        model = {"name": info.name, "version": info.version}
+        self.tracker = StateTracker(
+            s.state,
+            info.classes,
+            model,
+            publish_state=lambda device, doc: self.link.publish_json(
+                device_topic(s.topics.state, device), doc, qos=1, retain=True
+            ),
+            publish_change=lambda record: self.link.publish_json(s.topics.changes, record, qos=1),
+            stats=self.pipeline.stats,
+        )
+        # 5. The pipeline threads, then the MQTT connection that feeds them. Discovery subscribes before the
+        #    connection, so that the first one reads back what was announced before.
         self.pipeline.start()
         self.link = MqttLink(s, self.pipeline.submit, stats=self.pipeline.stats)
+        if s.homeassistant.discovery:
+            self.discovery = Discovery(
+                s,
+                self.link.client_id,
+                self.link.status_topic,
+                model,
+                info.classes,
+                self.tracker,
+                publish=lambda topic, payload, retain: self.link.publish(topic, payload, qos=1, retain=retain),
+                is_connected=self.link.connected.is_set,
+            )
+            self.discovery.subscribe(self.link)
+            self.tracker.add_listener(self.discovery.on_state)
+            self.discovery.start()
         self.link.start()
-        # 5. The Prometheus endpoint, when asked for.
+        # 6. The ticks that turn cameras without frames to 'none'.
+        self.tracker.start()
+        # 7. Statistics: logged and retained on <stats>/<client id> every stats_interval_s.
+        self.reporter = StatsReporter(
+            self.pipeline.stats,
+            self.pipeline.interval,
+            s.pipeline.stats_interval_s,
+            context=lambda: {
+                "queue_depth": len(self.pipeline.inbox) + len(self.pipeline.ready),
+                "device": str(classifier.device),
+                "precision": classifier.precision,
+                "model": model,
+                "detector": s.detector.kind,
+            },
+            publish=lambda doc: self.link.publish_json(
+                worker_stats(s.topics.stats, self.link.client_id), doc, qos=1, retain=True
+            ),
+        )
+        self.reporter.start()
+        # 8. The Prometheus endpoint, when asked for.
         if s.metrics.port:
             self.metrics = MetricsServer(
                 s.metrics,
@@ -95,7 +149,7 @@ class Worker:
                 ),
             )
             self.metrics.start()
-        # 6. Liveness: the heartbeat file `emotion-worker health` reads; under systemd READY=1 once
+        # 9. Liveness: the heartbeat file `emotion-worker health` reads; under systemd READY=1 once
         #    connected, and the watchdog while the pipeline makes progress.
         self.health = HealthReporter(
             s.health,
@@ -142,6 +196,12 @@ class Worker:
             self.link.stop_consuming()
         if self.pipeline and not self.pipeline.drain(drain_timeout):
             log.warning("frames still in flight at shutdown were abandoned", timeout_s=drain_timeout)
+        if self.reporter:
+            self.reporter.stop()
+        if self.discovery:
+            self.discovery.stop()
+        if self.tracker:
+            self.tracker.stop()
         if self.link:
             self.link.close()
         if self.pipeline:

@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, help="exit after this many events")
     p.add_argument("--timeout", type=float, help="exit after this many seconds")
 
+    p = with_config(
+        sub.add_parser("forget", help="remove cameras from Home Assistant: empty their retained configs and state")
+    )
+    p.add_argument("devices", nargs="+", metavar="DEVICE", help="device id, the '+' level of the frames topic")
+
     p = with_config(sub.add_parser("config", help="print the effective configuration, secrets masked"))
     p.add_argument("--json", action="store_true", help="as JSON instead of TOML")
     p.add_argument("--embedded-broker", action="store_true", help="as `run --embedded-broker` would use it")
@@ -98,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         "classify": _classify,
         "publish": _publish,
         "watch": _watch,
+        "forget": _forget,
         "config": _config,
         "health": _health,
     }[args.command](settings, args)
@@ -441,6 +447,39 @@ def _describe(topic: str, text: str, topics) -> str:
         f"{doc.get('processed_at', '')} {doc.get('device_id')}/{doc.get('frame_id')}: "
         f"{doc.get('emotion')}  [{detail}]  {doc.get('latency_ms')} ms"
     )
+
+
+def _forget(settings, args) -> int:
+    from worker.discovery import forget_cameras
+    from worker.model import BUNDLED_WEIGHTS, CLASSES, CheckpointError, read_info
+    from worker.topics import check_device_id
+
+    try:
+        devices = [check_device_id(d) for d in args.devices]
+    except ValueError as exc:
+        print(f"emotion-worker forget: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:  # the device triggers are one per class of the model
+        classes = read_info(settings.model.weights or BUNDLED_WEIGHTS).classes
+    except CheckpointError:
+        classes = CLASSES
+    client, _ = _client(settings, "forget")
+    try:
+        cleared = forget_cameras(client, settings, devices, classes)
+    except TimeoutError as exc:
+        print(f"emotion-worker forget: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    for device, topics in cleared.items():
+        print(f"{device}: emptied {len(topics)} retained topics (discovery configs and state)")
+        if device in settings.homeassistant.cameras:
+            print(
+                f"{device}: still listed in [homeassistant.cameras]; a worker announces it again at its next start",
+                file=sys.stderr,
+            )
+    return 0
 
 
 def _config(settings, args) -> int:

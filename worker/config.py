@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from worker.topics import check_frame_filter, check_plain
+from worker.topics import check_device_id, check_frame_filter, check_plain
 
 ENV_PREFIX = "EMOTION_"
 DEFAULT_CONFIG = Path("config/worker.toml")
@@ -138,7 +138,9 @@ class TopicsSettings(Section):
     )
     state: str = Field("emotion/state", description="Each camera's steady emotion, retained on '<state>/<device id>'.")
     changes: str = Field("emotion/changes", description="One record per change of a camera's steady emotion.")
-    stats: str = Field("emotion/stats", description="The worker's statistics, retained, every stats interval.")
+    stats: str = Field(
+        "emotion/stats", description="Each worker's statistics, retained on '<stats>/<client id>' every stats interval."
+    )
     actions: str = Field("emotion/actions", description="One record per action a rule took.")
     skipped: str = Field(
         "emotion/skipped",
@@ -220,7 +222,83 @@ class PipelineSettings(Section):
     max_payload_bytes: int = Field(4_000_000, ge=1024, description="Largest accepted frame payload, in bytes.")
     max_pixels: int = Field(16_000_000, ge=1024, description="Largest accepted image, in pixels (width x height).")
     publish_empty: bool = Field(False, description="Publish an event for frames without faces too.")
-    stats_interval_s: float = Field(60.0, ge=0, description="Seconds between statistics log lines; 0 turns them off.")
+    publish_events: bool = Field(
+        True, description="Publish one event per frame on the events topic; false leaves only the steady state."
+    )
+    stats_interval_s: float = Field(
+        60.0,
+        ge=0,
+        description="Seconds between statistics, logged and published retained on '<stats>/<client id>'; 0 turns "
+        "them off.",
+    )
+
+
+class StateSettings(Section):
+    """The steady emotion per camera; the defaults come from ``benchmarks/smoothing.py`` (docs/state.md)."""
+
+    time_constant_s: float = Field(
+        0.7, ge=0, le=600, description="Time constant of the exponential smoothing of class scores, in seconds."
+    )
+    combine: Literal["largest", "mean"] = Field(
+        "largest", description="How the faces of one frame combine: the largest face, or the mean of all faces."
+    )
+    min_confidence: float = Field(
+        0.25, ge=0, le=1, description="A new emotion's smoothed score must reach this (0-1) to take over."
+    )
+    margin: float = Field(
+        0.1, ge=0, le=1, description="A new emotion must lead the current one by this much (0-1) to take over."
+    )
+    hold_s: float = Field(
+        1.0,
+        ge=0,
+        le=600,
+        description="Seconds a new emotion must lead (or a face be seen, after none) before the state changes.",
+    )
+    absent_after_s: float = Field(
+        5.0, gt=0, le=86400, description="Seconds without a face after which the state becomes 'none'."
+    )
+    state_interval_s: float = Field(
+        10.0,
+        ge=0,
+        description="While frames come and the state holds, republish it at most this often, in seconds; "
+        "0 publishes on changes only.",
+    )
+    tick_s: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="Seconds between checks of every camera without frames (for 'none', and for rules on time).",
+    )
+
+
+class CameraSettings(Section):
+    name: str = Field("", description="Friendly name shown in Home Assistant; empty uses the device id.")
+    area: str = Field("", description="Area Home Assistant suggests for the camera, e.g. 'Kitchen'.")
+
+
+class HomeAssistantSettings(Section):
+    discovery: bool = Field(True, description="Announce every camera and this worker through MQTT discovery.")
+    prefix: str = Field("homeassistant", description="Home Assistant's discovery prefix.")
+    status_topic: str = Field(
+        "homeassistant/status", description="Home Assistant's birth topic; 'online' there makes the worker re-announce."
+    )
+    cameras: dict[str, CameraSettings] = Field(
+        default_factory=dict,
+        description="Cameras announced from the start, by device id: [homeassistant.cameras.<device id>]. "
+        "A camera removed from here is removed from Home Assistant at the next start.",
+    )
+
+    @field_validator("prefix", "status_topic")
+    @classmethod
+    def _plain(cls, topic: str) -> str:
+        return check_plain(topic)
+
+    @field_validator("cameras")
+    @classmethod
+    def _device_ids(cls, cameras: dict[str, CameraSettings]) -> dict[str, CameraSettings]:
+        for device in cameras:
+            check_device_id(device)
+        return cameras
 
 
 class HealthSettings(Section):
@@ -273,6 +351,10 @@ class Settings(BaseSettings):
         default_factory=PipelineSettings, description="Queues, limits and what to publish."
     )
     log: LogSettings = Field(default_factory=LogSettings, description="Logging.")
+    state: StateSettings = Field(default_factory=StateSettings, description="The steady emotion of each camera.")
+    homeassistant: HomeAssistantSettings = Field(
+        default_factory=HomeAssistantSettings, description="Home Assistant MQTT discovery."
+    )
     health: HealthSettings = Field(default_factory=HealthSettings, description="Liveness: heartbeat and watchdog.")
     metrics: MetricsSettings = Field(default_factory=MetricsSettings, description="Prometheus metrics endpoint.")
 

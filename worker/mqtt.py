@@ -189,6 +189,7 @@ class MqttLink:
         self.connections = 0
         self.left_at_stop = 0  # frames that arrived after stop_consuming, not acknowledged
         self._accepting = True
+        self._subscriptions: list[tuple[str, int]] = []  # besides the frames, in the order they were added
         # Why the last attempt failed, for the status systemd shows; None once connected.
         self.last_error: str | None = None
         # Whether the broker accepted or refused this connection; a disconnect before either is a failed attempt.
@@ -345,6 +346,8 @@ class MqttLink:
             # Subscribed before `online`, so a client that sees `online` knows frames will be taken.
             if self._accepting:
                 client.subscribe([(f, 1) for f in topics.frames])
+            if self._subscriptions:  # in one request, before `online`: see subscribe()
+                client.subscribe(self._subscriptions)
             # Then availability, before any message: the last will may already have said offline, and
             # nothing that waited in the outage queue may hold `online` back.
             self._online_answered.clear()
@@ -495,6 +498,26 @@ class MqttLink:
         info = self.client.publish(topic, json.dumps(doc, separators=(",", ":")), qos=0, properties=props)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             self._lost("publish_error", topic, error=mqtt.error_string(info.rc))
+
+    def subscribe(self, topic_filter: str, qos: int, callback: Callable[[str, bytes, bool], None]) -> None:
+        """Also subscribe to ``topic_filter``, now and on each reconnect (all such filters in one request, in the
+        order added, so the broker sends their retained messages in that order).
+
+        ``callback(topic, payload, retained)`` runs on paho's network thread: it must only hand work on.
+        """
+        self._subscriptions.append((topic_filter, qos))
+
+        def on_message(client, userdata, msg: mqtt.MQTTMessage) -> None:
+            try:
+                callback(msg.topic, msg.payload, bool(msg.retain))
+            except Exception:  # an exception here would end paho's network thread
+                log.exception("message could not be handed on", topic=msg.topic)
+                self.stats.add("internal_errors")
+            client.ack(msg.mid, msg.qos)  # acknowledged by hand, as every message here (manual_ack)
+
+        self.client.message_callback_add(topic_filter, on_message)
+        if self.connected.is_set():
+            self.client.subscribe(topic_filter, qos)
 
     # -- stopping -----------------------------------------------------------------------------------
     def stop_consuming(self) -> None:

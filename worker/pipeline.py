@@ -30,7 +30,7 @@ from worker.faces import Box, FaceDetector, crop_faces
 from worker.frames import Frame, FrameError, Reply, decode_payload
 from worker.health import Heartbeat
 from worker.log import Throttled, get_logger
-from worker.stats import Stats
+from worker.stats import IntervalStats, Stats
 from worker.topics import device_id_for
 
 log = get_logger("emotion-worker.pipeline")
@@ -88,6 +88,7 @@ class Pipeline:
         publish_event: Callable[[dict], None],
         publish_error: Callable[[dict], None],
         report: Callable[[dict, Reply | None], None] | None = None,
+        observe: Callable[[Frame, list[dict]], None] | None = None,
     ):
         self.settings = settings
         self.classifier = classifier
@@ -95,10 +96,12 @@ class Pipeline:
         self.publish_event = publish_event
         self.publish_error = publish_error
         self.report = report
+        self.observe = observe  # each processed frame and its faces, to the per-camera state
         p = settings.pipeline
         self.inbox = DropOldestQueue(p.queue_size)
         self.ready = DropOldestQueue(p.queue_size)
         self.stats = Stats()
+        self.interval = IntervalStats()
         # Each stage beats when it finishes work or finds none: see worker.health.
         self.heartbeat = Heartbeat(("prepare", "inference"))
         self._stop = threading.Event()
@@ -115,8 +118,6 @@ class Pipeline:
         for i in range(self.settings.pipeline.threads):
             self._threads.append(threading.Thread(target=self._prepare_loop, name=f"prepare-{i}", daemon=True))
         self._threads.append(threading.Thread(target=self._infer_loop, name="inference", daemon=True))
-        if self.settings.pipeline.stats_interval_s:
-            self._threads.append(threading.Thread(target=self._stats_loop, name="stats", daemon=True))
         for t in self._threads:
             t.start()
 
@@ -223,6 +224,7 @@ class Pipeline:
                 else:
                     self.stats.add("processed")
                     self._no_face(job.frame)
+                self._observe(job.frame, [])
                 self._done()
             else:
                 dropped = self.ready.put(job)
@@ -316,6 +318,7 @@ class Pipeline:
         probs = self.classifier.predict(crops).tolist()
         self.stats.observe("inference_seconds", time.perf_counter() - started)
         self.stats.observe("batch_faces", len(crops))
+        self.interval.batch(len(crops))
         classes = self.classifier.info.classes
         at = 0
         for job in jobs:
@@ -323,19 +326,34 @@ class Pipeline:
             at += len(job.boxes)
             self.stats.add("faces", len(faces))
             self._publish(job.frame, faces)
+            self._observe(job.frame, faces)
+
+    def _observe(self, frame: Frame, faces: list[dict]) -> None:
+        """Hand a processed frame and its faces to the per-camera state; a failure there costs nothing else."""
+        if self.observe is None:
+            return
+        try:
+            self.observe(frame, faces)
+        except Exception:
+            self.stats.add("state_errors")
+            log.exception("state update failed", device=frame.device_id)
 
     def _publish(self, frame: Frame, faces: list[dict]) -> None:
         """Publish the event of ``frame``; a failure costs this frame only, in either thread."""
+        events = self.settings.pipeline.publish_events  # off: the event still answers the frame's reply topic
         try:
             event = make_event(frame, faces, self.classifier.info, time.time())
-            self.publish_event(event)
+            if events:
+                self.publish_event(event)
         except Exception as exc:
             log.exception("publish failed", topic=frame.topic)
             self._frame_failed(frame, "publish", exc)
             return
-        self.stats.add("events")
+        if events:
+            self.stats.add("events")
         self.stats.add("processed")
         self.stats.latency(event["latency_ms"])
+        self.interval.latency(event["latency_ms"])
         summary = ", ".join(f"{f['emotion']} {f['confidence']:.2f}" for f in faces) or "no face (event published)"
         self._frame_outcome("event", frame, summary, event=event)
         log.info(
@@ -346,16 +364,6 @@ class Pipeline:
             faces=len(faces),
             latency_ms=event["latency_ms"],
         )
-
-    def _stats_loop(self) -> None:
-        interval = self.settings.pipeline.stats_interval_s
-        last, last_events = time.monotonic(), 0
-        while not self._stop.wait(interval):
-            snap = self.stats.snapshot()
-            now = time.monotonic()
-            fps = (snap.get("events", 0) - last_events) / (now - last)
-            last, last_events = now, snap.get("events", 0)
-            log.info("stats", events_per_s=round(fps, 2), queued=len(self.inbox) + len(self.ready), **snap)
 
 
 def _stale_message(age: float, how: str, limit: float) -> str:

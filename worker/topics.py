@@ -77,3 +77,30 @@ def frame_topic(filters: list[str], device: str) -> str:
 def worker_status(status: str, client_id: str) -> str:
     """The retained availability topic of one worker: ``<status>/<client id>``."""
     return f"{status}/{client_id}"
+
+
+def check_device_id(device: str) -> str:
+    """``device`` if it can be one level of a topic; a ValueError otherwise."""
+    if not device or any(c in device for c in "/+#") or "\0" in device:
+        raise ValueError(f"device id {device!r} must be a non-empty topic level without '/', '+' or '#'")
+    return device
+
+
+def device_topic(base: str, device: str) -> str:
+    """The per-camera topic under ``base``, e.g. the retained state ``<state>/<device id>``."""
+    return f"{base}/{device}"
+
+
+def discovery_config(prefix: str, component: str, node_id: str, object_id: str) -> str:
+    """Home Assistant's discovery topic of one entity: ``<prefix>/<component>/<node_id>/<object_id>/config``."""
+    return f"{prefix}/{component}/{node_id}/{object_id}/config"
+
+
+def discovery_filter(prefix: str, node_id: str) -> str:
+    """The filter that matches every discovery config under ``node_id``, whatever the component and object."""
+    return f"{prefix}/+/{node_id}/+/config"
+
+
+def worker_stats(stats: str, client_id: str) -> str:
+    """The retained statistics topic of one worker: ``<stats>/<client id>``."""
+    return f"{stats}/{client_id}"

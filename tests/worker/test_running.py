@@ -407,6 +407,18 @@ def test_the_worker_may_write_every_topic_the_acl_names_and_a_camera_none(broker
             c.disconnect()
 
 
+def test_under_the_acl_the_worker_reads_back_what_it_announced_to_home_assistant(service, observer):
+    """Discovery reads its own retained configs and the workers' status topics; the ACL must allow both."""
+    observer.wait_for(
+        lambda m: m.topic.startswith("homeassistant/sensor/emotion_worker/worker_"), 30, "the worker's discovery"
+    )
+    deadline = time.monotonic() + 30
+    while not (begun := [r for r in log_records(service.log) if r["event"] == "announcing to Home Assistant"]):
+        assert time.monotonic() < deadline, "discovery did not start"
+        time.sleep(0.2)
+    assert begun[0]["read_back"] is True, begun
+
+
 def link_settings(port: int, certs: Path, **mqtt_settings) -> Settings:
     tls = {"enabled": True, "ca_certs": certs / "ca.crt", **mqtt_settings.pop("tls", {})}
     return Settings(
