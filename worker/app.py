@@ -15,7 +15,8 @@ from worker.log import get_logger
 from worker.metrics import MetricsServer, Sources
 from worker.mqtt import MqttLink
 from worker.pipeline import Pipeline
-from worker.signals import wait_for_stop
+from worker.rules import RulesEngine, RuleSet, load_rules, local_zone, model_classes
+from worker.signals import RELOAD_SIGNALS, wait_for_signal
 from worker.state import StateTracker
 from worker.stats import StatsReporter
 from worker.topics import device_topic, worker_stats
@@ -34,10 +35,20 @@ class Worker:
         self.reporter: StatsReporter | None = None
         self.metrics: MetricsServer | None = None
         self.health: HealthReporter | None = None
+        self.rules: RulesEngine | None = None
         self.stopped = threading.Event()
 
     def start(self) -> None:
         s = self.settings
+        # 0. The rules, checked before anything slow starts: a bad rule stops the start like a bad setting.
+        rules_file = s.rules.path()
+        classes = model_classes(s)
+        if rules_file.is_file() or s.rules.file is not None:
+            ruleset = load_rules(rules_file, classes, s.topics.frames)
+            log.info("rules loaded", file=str(rules_file), rules=ruleset.names)
+        else:
+            ruleset = RuleSet(source=str(rules_file))
+            log.info("no rules", file=str(rules_file), note="rules are read from this file once it exists")
         # 1. The model, warmed up, so the first frame is not slow and a bad checkpoint fails now.
         classifier = Classifier(s.model)
         info = classifier.info
@@ -109,9 +120,26 @@ class Worker:
             self.discovery.subscribe(self.link)
             self.tracker.add_listener(self.discovery.on_state)
             self.discovery.start()
+        # The rules act on every evaluation of a camera's state, through the same connection.
+        self.rules = RulesEngine(
+            ruleset,
+            publish=lambda topic, payload, qos, retain: self.link.publish(topic, payload, qos=qos, retain=retain),
+            publish_json=lambda topic, doc, qos: self.link.publish_json(topic, doc, qos=qos),
+            actions_topic=s.topics.actions,
+            errors_topic=s.topics.errors,
+            path=rules_file,
+            classes=classes,
+            frames=s.topics.frames,
+            zone=local_zone(s.rules.timezone),
+            stats=self.pipeline.stats,
+            watch_s=s.rules.watch_s,
+        )
+        self.tracker.add_listener(self.rules.on_state)
         self.link.start()
-        # 6. The ticks that turn cameras without frames to 'none'.
+        # 6. The ticks that turn cameras without frames to 'none' (and let rules act on time held), and the
+        #    checks of the rules file for changes.
         self.tracker.start()
+        self.rules.start()
         # 7. Statistics: logged and retained on <stats>/<client id> every stats_interval_s.
         self.reporter = StatsReporter(
             self.pipeline.stats,
@@ -179,10 +207,21 @@ class Worker:
             self.link.publish_reply(reply, outcome)
 
     def serve_until_signal(self) -> None:
-        """Serve until SIGTERM or SIGINT (held since start-up, see :mod:`worker.signals`), then stop."""
-        sig = wait_for_stop()
-        log.info("signal received", signal=sig.name)
+        """Serve until SIGTERM or SIGINT (held since start-up, see :mod:`worker.signals`), then stop.
+
+        SIGHUP reloads the rules, and serving goes on.
+        """
+        while True:
+            sig = wait_for_signal()
+            log.info("signal received", signal=sig.name)
+            if sig not in RELOAD_SIGNALS:
+                break
+            self.reload()
         self.stop()
+
+    def reload(self) -> bool:
+        """Read the rules file again; a bad file leaves the rules in force (and says why in the log)."""
+        return self.rules.reload("SIGHUP") if self.rules else False
 
     def stop(self, drain_timeout: float = 5.0) -> None:
         """Stop consuming, finish in-flight frames, publish offline, disconnect, stop threads."""
@@ -202,6 +241,8 @@ class Worker:
             self.discovery.stop()
         if self.tracker:
             self.tracker.stop()
+        if self.rules:
+            self.rules.stop()
         if self.link:
             self.link.close()
         if self.pipeline:

@@ -1,4 +1,5 @@
-"""emotion-worker: run the worker, classify images, play a camera, watch events, show the config, check health."""
+"""emotion-worker: run the worker, classify images, play a camera, watch events, show the config, check health,
+check and try rules."""
 
 from __future__ import annotations
 
@@ -63,7 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     p = with_config(sub.add_parser("watch", help="print emotion events as they arrive"))
     p.add_argument("--errors", action="store_true", help="print rejected-frame records (the default; kept for scripts)")
     p.add_argument("--json", action="store_true", help="print each message as received, one JSON line each")
-    p.add_argument("--count", type=int, help="exit after this many events")
+    p.add_argument(
+        "--topic",
+        action="append",
+        default=[],
+        metavar="FILTER",
+        help="watch this topic filter instead (e.g. a rule's topic, or 'zigbee2mqtt/#'); repeatable",
+    )
+    p.add_argument("--count", type=int, help="exit after this many events (with --topic: messages)")
     p.add_argument("--timeout", type=float, help="exit after this many seconds")
 
     p = with_config(
@@ -74,6 +82,23 @@ def main(argv: list[str] | None = None) -> int:
     p = with_config(sub.add_parser("config", help="print the effective configuration, secrets masked"))
     p.add_argument("--json", action="store_true", help="as JSON instead of TOML")
     p.add_argument("--embedded-broker", action="store_true", help="as `run --embedded-broker` would use it")
+
+    rules = sub.add_parser("rules", help="check the rules file, or try it on a made-up state").add_subparsers(
+        dest="rules_command", required=True
+    )
+    p = with_config(rules.add_parser("check", help="validate a rules file and print a summary (exit 2 on errors)"))
+    p.add_argument("file", nargs="?", type=Path, help="rules file (default: rules.file, else config/rules.toml)")
+    p = with_config(
+        rules.add_parser(
+            "test",
+            help="print what each rule would publish for a camera's state, and why a rule would not; publishes nothing",
+        )
+    )
+    p.add_argument("file", nargs="?", type=Path, help="rules file (default: rules.file, else config/rules.toml)")
+    p.add_argument("--device", required=True, help="device id of the camera")
+    p.add_argument("--emotion", required=True, help="its steady emotion: one of the model's classes, or none")
+    p.add_argument("--confidence", type=float, default=0.8, help="the state's confidence, 0-1 (default 0.8)")
+    p.add_argument("--at", metavar="HH:MM", help="local time of day to try (default: now), for quiet hours")
 
     with_config(
         sub.add_parser(
@@ -87,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         # Before any import starts a thread (numpy's OpenBLAS, torch, paho, the pipeline).
         from worker.signals import hold_stop_signals
 
-        hold_stop_signals()
+        hold_stop_signals(reload=args.command == "run")  # the worker reloads its rules on SIGHUP
     from worker.config import ConfigError, load_settings, parse_set
 
     try:
@@ -106,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         "forget": _forget,
         "config": _config,
         "health": _health,
+        "rules": _rules,
     }[args.command](settings, args)
 
 
@@ -403,14 +429,25 @@ def _watch(settings, args) -> int:
             print(
                 json.dumps({"topic": msg.topic, "retained": bool(msg.retain), "payload": _maybe_json(text)}), flush=True
             )
+        elif args.topic:
+            print(f"{time.strftime('%H:%M:%S')} {msg.topic}{' (retained)' if msg.retain else ''}: {text}", flush=True)
         else:
             print(_describe(msg.topic, text, topics), flush=True)
-        if msg.topic == topics.events:
+        if args.topic or msg.topic == topics.events:
             seen["events"] += 1
             if args.count and seen["events"] >= args.count:
                 done.set()
 
-    subs = [(topics.events, 1), (f"{topics.status}/+", 1), (topics.skipped, 0), (topics.errors, 0)]
+    if args.topic:
+        subs = [(t, 1) for t in args.topic]
+    else:
+        subs = [
+            (topics.events, 1),
+            (f"{topics.status}/+", 1),
+            (topics.skipped, 0),
+            (topics.errors, 0),
+            (topics.actions, 1),
+        ]
     client, protocol = _client(settings, "watch", on_message, subs)
     print(
         f"watching {', '.join(t for t, _ in subs)} on {settings.mqtt.host}:{settings.mqtt.port} (MQTT {protocol})",
@@ -438,8 +475,15 @@ def _describe(topic: str, text: str, topics) -> str:
         return f"status: {topic[len(topics.status) + 1 :]} {text}"
     if not isinstance(doc, dict):
         return f"{topic}: {text}"
+    if topic == topics.errors and "rule" in doc:
+        return f"{doc.get('at', '')} rule failed: {doc.get('message')}"
     if topic == topics.errors:
         return f"rejected frame from {doc.get('device_id')}: {doc.get('reason')}: {doc.get('message')}"
+    if topic == topics.actions:
+        return (
+            f"{doc.get('at', '')} rule {doc.get('rule')}: {doc.get('device_id')} {doc.get('emotion')} "
+            f"{doc.get('confidence')} -> {doc.get('topic')}"
+        )
     if topic == topics.skipped:
         return f"{doc.get('at', '')} {doc.get('device_id')}/{doc.get('frame_id') or '?'}: {doc.get('message')}"
     detail = _faces_text(doc.get("faces", []))
@@ -514,6 +558,86 @@ def _config(settings, args) -> int:
     print(f"# broker: {used['broker'] or f'{settings.mqtt.host}:{settings.mqtt.port}, MQTT {settings.mqtt.protocol}'}")
     print()
     print(to_toml(data))
+    return 0
+
+
+def _rules(settings, args) -> int:
+    """`rules check` and `rules test`: the rules file validated as the worker would, nothing published."""
+    from worker.rules import RulesError, load_rules, local_zone, model_classes
+
+    path = args.file or settings.rules.path()
+    classes = model_classes(settings)
+    zone = local_zone(settings.rules.timezone)
+    try:
+        ruleset = load_rules(path, classes, settings.topics.frames)
+    except RulesError as exc:
+        hint = "" if args.file or settings.rules.file or path.exists() else " (set rules.file, or give the file)"
+        print(f"emotion-worker rules {args.rules_command}: {exc}{hint}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.rules_command == "check":
+        return _rules_check(path, ruleset, classes, zone)
+    return _rules_test(settings, args, path, ruleset, classes, zone)
+
+
+def _rules_check(path, ruleset, classes, zone) -> int:
+    from worker.rules import template_warnings
+
+    n = len(ruleset.rules)
+    print(f"{path}: {n} rule{'s' if n != 1 else ''}, valid")
+    for rule in ruleset.rules:
+        r = rule.rule
+        when = [f"min_confidence {r.min_confidence:g}"] if r.min_confidence else []
+        when += [f"held {r.for_s:g} s"] if r.for_s else []
+        when += [f"cooldown {r.cooldown_s:g} s"] if r.cooldown_s else []
+        when += [f"quiet {rule.quiet}"] if rule.quiet else []
+        print(
+            f"  {r.name}: devices {', '.join(r.devices)}; emotions {', '.join(r.emotions)}"
+            + (f"; {', '.join(when)}" if when else "")
+            + f" -> {r.topic} (qos {r.qos}{', retained' if r.retain else ''})"
+        )
+    for line in template_warnings(ruleset, classes, zone):
+        print(f"warning: {line}", file=sys.stderr)
+    return 0
+
+
+def _rules_test(settings, args, path, ruleset, classes, zone) -> int:
+    from datetime import datetime
+
+    from worker.rules import NONE, local_time, sample_state, try_rule
+    from worker.topics import check_device_id
+
+    try:
+        check_device_id(args.device)
+        if args.emotion not in (*classes, NONE):
+            raise ValueError(f"unknown emotion {args.emotion!r}; known: {', '.join((*classes, NONE))}")
+        if not 0 <= args.confidence <= 1:
+            raise ValueError(f"--confidence {args.confidence:g} is not between 0 and 1")
+        now = time.time()
+        local = local_time(now, zone)
+        if args.at:
+            at = datetime.strptime(args.at, "%H:%M")
+            local = local.replace(hour=at.hour, minute=at.minute, second=0, microsecond=0)
+            now = local.timestamp()
+    except ValueError as exc:
+        print(f"emotion-worker rules test: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    zone_name = settings.rules.timezone or "local time"
+    confidence = f" {args.confidence:.2f}" if args.emotion != NONE else ""
+    print(
+        f"{path}: camera {args.device!r}, {args.emotion}{confidence}, at {local:%H:%M} ({zone_name}); "
+        "nothing is published"
+    )
+    for rule in ruleset.rules:
+        r = rule.rule
+        state = sample_state(args.device, args.emotion, args.confidence, classes, now, r.for_s)
+        result = try_rule(rule, state, local)
+        if isinstance(result, str):
+            print(f"  {r.name}: {result}")
+            continue
+        topic, payload = result
+        when = f" once the state has held {r.for_s:g} s" if r.for_s else ""
+        print(f"  {r.name}: publishes to {topic} (qos {r.qos}{', retained' if r.retain else ''}){when}:")
+        print("    " + payload.strip().replace("\n", "\n    "))
     return 0
 
 

@@ -20,6 +20,7 @@ from worker.topics import check_device_id, check_frame_filter, check_plain
 
 ENV_PREFIX = "EMOTION_"
 DEFAULT_CONFIG = Path("config/worker.toml")
+DEFAULT_RULES = Path("config/rules.toml")
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config_file", default=None)
 
 
@@ -323,6 +324,44 @@ class MetricsSettings(Section):
     host: str = Field("0.0.0.0", description="Address the endpoint listens on; 127.0.0.1 keeps it to this host.")
 
 
+class RulesSettings(Section):
+    file: Path | None = Field(
+        None,
+        description="TOML file of rules that act on each camera's steady emotion (docs/rules.md). Unset: "
+        "config/rules.toml (from the working directory) when it exists, else no rules until it appears.",
+    )
+    watch_s: float = Field(
+        2.0,
+        ge=0,
+        le=3600,
+        description="Seconds between checks of the rules file for changes, which reload it; 0: only SIGHUP reloads.",
+    )
+    timezone: str = Field(
+        "",
+        description="IANA time zone of quiet hours and of 'now' in templates, e.g. 'Europe/Berlin'; empty: the "
+        "system's local time ($TZ).",
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, name: str) -> str:
+        if name:
+            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+            try:
+                ZoneInfo(name)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(
+                    f"unknown time zone {name!r}; use an IANA name such as 'Europe/Berlin' "
+                    "(without the system's zoneinfo, pip install tzdata)"
+                ) from None
+        return name
+
+    def path(self) -> Path:
+        """The rules file to read: ``file`` when set, else ``config/rules.toml`` (which may not exist yet)."""
+        return self.file if self.file is not None else DEFAULT_RULES
+
+
 class LogSettings(Section):
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")
     format: Literal["auto", "json", "console"] = Field(
@@ -357,6 +396,7 @@ class Settings(BaseSettings):
     )
     health: HealthSettings = Field(default_factory=HealthSettings, description="Liveness: heartbeat and watchdog.")
     metrics: MetricsSettings = Field(default_factory=MetricsSettings, description="Prometheus metrics endpoint.")
+    rules: RulesSettings = Field(default_factory=RulesSettings, description="Rules: actions on the steady emotions.")
 
     @classmethod
     def settings_customise_sources(

@@ -68,6 +68,15 @@ class StatsCollector:
         for topic, n in sorted(publishes_dropped.items()):
             dropped.add_metric([topic], n)
         yield dropped
+        actions = CounterMetricFamily("emotion_rule_actions", "Actions the rules took, by rule.", labels=["rule"])
+        errors = CounterMetricFamily(
+            "emotion_rule_errors", "Rule actions that failed (a template error), by rule.", labels=["rule"]
+        )
+        for rule, n in self.s.stats.rule_counts().items():
+            actions.add_metric([rule], n["actions"])
+            errors.add_metric([rule], n["errors"])
+        yield actions
+        yield errors
         for name, text in HISTOGRAM_HELP.items():
             buckets, total = self.s.stats.histogram(name)
             yield HistogramMetricFamily(

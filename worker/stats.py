@@ -53,6 +53,7 @@ class Stats:
         self.histograms = {name: Histogram(bounds) for name, bounds in HISTOGRAMS.items()}
         self.publishes_dropped: Counter = Counter()  # by topic
         self.publishes_dropped_by: defaultdict[str, Counter] = defaultdict(Counter)  # reason -> topic -> messages
+        self.rules: defaultdict[str, Counter] = defaultdict(Counter)  # rule name -> actions, errors
 
     def add(self, key: str, n: int = 1) -> None:
         with self._lock:
@@ -84,6 +85,18 @@ class Stats:
             self.counts["publishes_dropped"] += n
             self.publishes_dropped[topic] += n
             self.publishes_dropped_by[reason][topic] += n
+
+    def rule(self, name: str, what: str) -> None:
+        """Count one action (``what="actions"``) or failed action (``"errors"``) of the rule ``name``, and the
+        total (``actions``, ``action_errors``)."""
+        with self._lock:
+            self.counts["actions" if what == "actions" else "action_errors"] += 1
+            self.rules[name][what] += 1
+
+    def rule_counts(self) -> dict[str, dict[str, int]]:
+        """Actions and errors by rule name, e.g. ``{"kitchen-led": {"actions": 3, "errors": 0}}``."""
+        with self._lock:
+            return {name: {"actions": c["actions"], "errors": c["errors"]} for name, c in sorted(self.rules.items())}
 
     def histogram(self, name: str) -> tuple[list[tuple[float, int]], float]:
         """The histogram ``name``: its cumulative buckets (see :meth:`Histogram.cumulative`) and sum."""
@@ -219,6 +232,7 @@ class StatsReporter:
             "detector": ctx.get("detector"),
             "counts": snap,  # every other counter (state changes, publishes dropped, ...)
             "publishes_dropped_by_reason": dropped_by_reason,  # reason -> topic -> messages
+            "rules": self.stats.rule_counts(),  # rule name -> actions, errors
         }
 
     def report(self) -> dict:

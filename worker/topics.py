@@ -49,6 +49,19 @@ def check_plain(topic: str) -> str:
     return topic
 
 
+def check_publish(topic: str) -> str:
+    """``topic`` if a client may publish to it: a topic name without wildcards, not a ``$`` topic (``$SYS``, brokers
+    refuse those), without NUL, at most 65,535 bytes in UTF-8; a ValueError otherwise."""
+    check_plain(topic)
+    if topic.startswith("$"):
+        raise ValueError(f"{topic!r} starts with '$': topics such as $SYS belong to the broker")
+    if "\0" in topic:
+        raise ValueError(f"{topic!r} contains a NUL character")
+    if len(topic.encode()) > 65535:
+        raise ValueError(f"topic is {len(topic.encode())} bytes long; MQTT allows 65,535")
+    return topic
+
+
 def device_id_for(topic: str, filters: list[str]) -> str:
     """The device id in ``topic``: the level matched by the first wildcard of the first matching filter.
 

@@ -15,7 +15,7 @@ import cv2
 import jsonschema
 import pytest
 
-from tests.conftest import FER, REPO, needs_proc, signals_blocked_by_other_threads, start_worker
+from tests.conftest import FER, REPO, needs_proc, publisher, signals_blocked_by_other_threads, start_worker
 from worker.events import EVENT_SCHEMA, load_schema
 from worker.signals import hold_stop_signals, wait_for_stop
 
@@ -344,3 +344,28 @@ def test_help_is_plain_text():
         out = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and "usage:" in out.stdout
         assert "``" not in out.stdout, out.stdout
+
+
+def test_watch_topic_prints_the_messages_of_any_topic(worker_env, mosquitto):
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "watch", "--topic", "zigbee2mqtt/#", "--count", "2", "--timeout", "60"],
+        env=worker_env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert watch.stderr.readline().startswith("watching zigbee2mqtt/# on ")
+        camera = publisher(mosquitto.port)
+        camera.publish("emotion/events", b"{}", qos=1).wait_for_publish(5)  # not watched
+        camera.publish("zigbee2mqtt/kitchen_light/set", b'{"state": "ON"}', qos=1).wait_for_publish(5)
+        camera.publish("zigbee2mqtt/hall/set", b"OFF", qos=1, retain=True).wait_for_publish(5)
+        camera.loop_stop()
+        out, _ = watch.communicate(timeout=60)
+    finally:
+        watch.kill()
+        watch.wait()
+    lines = [line.split(" ", 1)[1] for line in out.splitlines()]  # without the time of day
+    assert watch.returncode == 0
+    assert lines == ['zigbee2mqtt/kitchen_light/set: {"state": "ON"}', "zigbee2mqtt/hall/set: OFF"]

@@ -108,3 +108,14 @@ def test_endpoint_serves_over_http_and_a_taken_port_names_the_key():
 
 def server_sources() -> Sources:
     return Sources(stats=Stats(), model=MODEL)
+
+
+def test_rule_actions_and_errors_by_rule():
+    stats = Stats()
+    stats.rule("kitchen-led", "actions")
+    stats.rule("kitchen-led", "actions")
+    stats.rule("phone-alert", "errors")
+    samples = scrape(Sources(stats=stats, model=MODEL))
+    assert samples[("emotion_rule_actions_total", (("rule", "kitchen-led"),))] == 2
+    assert samples[("emotion_rule_actions_total", (("rule", "phone-alert"),))] == 0
+    assert samples[("emotion_rule_errors_total", (("rule", "phone-alert"),))] == 1
