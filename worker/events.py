@@ -6,10 +6,12 @@ import json
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from worker.faces import Box
-from worker.frames import Frame
-from worker.model import ModelInfo
+if TYPE_CHECKING:  # types only: the rules and the CLI use this module without loading OpenCV or torch
+    from worker.faces import Box
+    from worker.frames import Frame
+    from worker.model import ModelInfo
 
 SCHEMA_VERSION = 1
 SCHEMAS = Path(__file__).parent / "schemas"

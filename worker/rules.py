@@ -19,7 +19,7 @@ import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, tzinfo
+from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +28,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from worker.config import ConfigError
+from worker.events import iso
 from worker.log import get_logger
 from worker.topics import check_device_id, check_publish, matches
 
@@ -380,11 +381,6 @@ def local_time(now: float, zone: tzinfo | None) -> datetime:
 def parse_time(iso_text: str) -> float:
     """An ISO 8601 time of the state (``since``) as Unix seconds."""
     return datetime.fromisoformat(iso_text).timestamp()
-
-
-def iso(ts: float) -> str:
-    """Unix seconds as ISO 8601 UTC with milliseconds, as in the state and change records."""
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # -- the engine --------------------------------------------------------------------------------------------------
