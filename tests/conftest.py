@@ -332,7 +332,11 @@ def signals_blocked_by_other_threads(pid: int) -> dict[str, set[int]]:
     for task in (Path("/proc") / str(pid) / "task").iterdir():
         if task.name == str(pid):
             continue
-        status = dict(line.split(":\t", 1) for line in (task / "status").read_text().splitlines() if ":\t" in line)
+        try:
+            text = (task / "status").read_text()
+        except FileNotFoundError:  # the thread ended after the listing
+            continue
+        status = dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
         mask = int(status["SigBlk"], 16)
         out[f"{status['Name'].strip()}-{task.name}"] = {n for n in range(1, 65) if mask >> (n - 1) & 1}
     return out
