@@ -1,4 +1,4 @@
-"""``emotion-train``: fit, evaluate and export the emotion model."""
+"""emotion-train: fit, evaluate and export the emotion model."""
 
 from __future__ import annotations
 
@@ -162,7 +162,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+TRAIN_EXTRA = "pip install 'emotion-worker[train]'"
+
+
 def _fit(args) -> int:
+    import importlib.util
+
+    missing = [m for m in ("tqdm", "matplotlib") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"needs {' and '.join(missing)}, which the base install leaves out: {TRAIN_EXTRA}")
     from training.fit import LIGHT_AUGMENT, RECIPES, fit
 
     recipe = RECIPES[args.recipe]

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from training.augment import Augment, augment
 from training.data import Split, load_split
@@ -227,6 +226,8 @@ def teacher_targets(teacher: str | Path, train: Split, dev: torch.device, amp, c
     if file.is_file():
         print(f"teacher {info.version}: soft targets read from {file}", file=sys.stderr)
         return load_file(str(file))["log_probs"], info.version
+    from tqdm import tqdm  # the train extra
+
     model, info = load_checkpoint(path, dev)
     chunk = 512
     probs = torch.cat(
@@ -359,6 +360,8 @@ def fit(
         print(f"resuming after epoch {start_epoch} from {state_path}", file=sys.stderr)
     elif resume:
         print(f"no training state in {out} yet; starting from the first epoch", file=sys.stderr)
+
+    from tqdm import tqdm  # the train extra; imported here so evaluate and export work without it
 
     x_train = train.images.unsqueeze(1).to(dev)
     y_train = train.labels.to(dev)
