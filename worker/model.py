@@ -24,7 +24,7 @@ FER_MEAN = 0.5077
 FER_STD = 0.2550
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 # The models bundled with the worker, by the name ``model.weights`` and ``--weights`` take:
-# the full ResNet9 and a quarter-width one distilled from it (see docs/benchmarks.md).
+# the full ResNet9 and a half-width one distilled from it (see docs/benchmarks.md).
 BUNDLED = {
     "resnet9": WEIGHTS_DIR / "resnet9.safetensors",
     "resnet9-small": WEIGHTS_DIR / "resnet9-small.safetensors",

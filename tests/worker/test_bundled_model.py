@@ -66,7 +66,7 @@ def test_classify_serves_the_bundled_model_when_no_weights_are_set(tmp_path):
 
 def test_bundled_small_model_is_distilled_from_the_full_one_and_scores_66_percent():
     small = BUNDLED["resnet9-small"]
-    assert small.stat().st_size < 5_000_000
+    assert small.stat().st_size < 6_000_000  # fp16: about a quarter of the full model's 21.6 MB
     with safe_open(str(small), "pt") as f:
         dtypes = {f.get_tensor(key).dtype for key in f.keys() if f.get_tensor(key).is_floating_point()}
     assert dtypes == {torch.float16}
