@@ -199,6 +199,30 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_onnx(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
+    """The tiny checkpoint as ONNX models: ``fp32`` and ``int8`` (calibrated on 64 faces of the test images).
+
+    Both sit in one folder with a copy of the checkpoint, named as ``emotion-train
+    export --onnx`` names them (``tiny.onnx``, ``tiny.int8.onnx`` beside ``tiny.safetensors``).
+    """
+    from training.data import load_split
+    from training.export import quantize_onnx, set_onnx_metadata, standard_elu, write_onnx
+    from worker.model import load_checkpoint, onnx_beside
+
+    folder = tmp_path_factory.mktemp("onnx")
+    checkpoint = folder / tiny_checkpoint.name
+    shutil.copy(tiny_checkpoint, checkpoint)
+    model, info = load_checkpoint(checkpoint)
+    fp32, int8 = onnx_beside(checkpoint, "fp32"), onnx_beside(checkpoint, "int8")
+    write_onnx(standard_elu(model).float(), info, fp32)
+    set_onnx_metadata(fp32, {**info.to_metadata(), "onnx_precision": "fp32"})
+    faces = load_split(FER, "train").images[::5][:64].unsqueeze(1).float().div(255)
+    quantize_onnx(fp32, int8, ((faces - info.mean) / info.std).numpy())
+    set_onnx_metadata(int8, {**info.to_metadata(), "onnx_precision": "int8"})
+    return {"checkpoint": checkpoint, "fp32": fp32, "int8": int8}
+
+
+@pytest.fixture(scope="session")
 def face_frames() -> list[tuple[np.ndarray, tuple[int, int, int, int]]]:
     """640x480 BGR frames, each a FER2013 val face enlarged to 160 px and pasted at a known place.
 

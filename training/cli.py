@@ -43,13 +43,24 @@ def main(argv: list[str] | None = None) -> int:
         "the views test-time augmentation shows), for a short final polish with --init",
     )
     p.add_argument(
+        "--teacher",
+        help="distil this model into the one trained: a bundled model's name (resnet9) or a checkpoint; "
+        "its soft targets on the clean train/ faces are computed once and cached beside --out",
+    )
+    p.add_argument("--kd-weight", type=float, help="weight of the teacher's soft targets in the loss (default: 0.7)")
+    p.add_argument("--kd-temperature", type=float, help="softening temperature of the soft targets (default: 4)")
+    p.add_argument(
         "--keep-epochs",
         action="store_true",
         help="also write each epoch's checkpoint to OUT/epochs/, for `emotion-train average`",
     )
 
     p = sub.add_parser("evaluate", help="score a checkpoint on a labelled folder or CSV")
-    p.add_argument("--weights", type=Path, help="checkpoint (default: the bundled model)")
+    p.add_argument(
+        "--weights",
+        default="resnet9",
+        help="a bundled model's name (resnet9, resnet9-small), a checkpoint or an ONNX model (default: resnet9)",
+    )
     p.add_argument("--data", required=True, type=Path, help="class folders, a folder with val/, or fer2013.csv")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     p.add_argument(
@@ -61,11 +72,45 @@ def main(argv: list[str] | None = None) -> int:
         help="test-time augmentation (--tta alone means tencrop)",
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "torch", "onnxruntime"],
+        default="auto",
+        help="as the worker's model.backend: auto is torch on CUDA and on a CPU with bf16, else int8 onnxruntime",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="precision of the torch backend, as the worker's model.precision",
+    )
+    p.add_argument("--batch-size", type=int, default=128, help="faces per forward pass (default: 128)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = sub.add_parser("export", help="write a checkpoint as the bundled fp16 model")
-    p.add_argument("--run", required=True, type=Path, help="output folder of a fit run (or a checkpoint file)")
-    p.add_argument("--to", type=Path, help="destination (default: worker/weights/resnet9.safetensors)")
+    p = sub.add_parser("export", help="write a checkpoint as the bundled fp16 model, or as an ONNX model")
+    p.add_argument(
+        "--run",
+        required=True,
+        help="output folder of a fit run, a checkpoint file, or (with --onnx) a bundled model's name",
+    )
+    p.add_argument(
+        "--to",
+        type=Path,
+        help="destination (default: worker/weights/resnet9.safetensors; with --onnx, "
+        "<checkpoint>.onnx or <checkpoint>.int8.onnx beside the checkpoint)",
+    )
+    p.add_argument("--onnx", action="store_true", help="write an ONNX model for the onnxruntime backend")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="with --onnx: quantize to int8 (static, QDQ, per channel), calibrated on train/ faces of --data",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="with --onnx: folder with train/ (int8 calibration) and val/ (the accuracy the file records)",
+    )
+    p.add_argument("--calibration", type=int, default=512, help="with --int8: train/ faces to calibrate on")
 
     p = sub.add_parser("recalibrate", help="recompute a run's BatchNorm statistics on clean train/ images")
     p.add_argument("--run", required=True, type=Path, help="output folder of a fit run (or a checkpoint file)")
@@ -139,6 +184,14 @@ def _fit(args) -> int:
         recipe = replace(recipe, dropout=args.dropout)
     if args.augment == "light":
         recipe = replace(recipe, augment=LIGHT_AUGMENT)
+    if args.kd_weight is not None:
+        if not 0 <= args.kd_weight <= 1:
+            raise ValueError(f"--kd-weight must be in [0, 1], got {args.kd_weight}")
+        recipe = replace(recipe, kd_weight=args.kd_weight)
+    if args.kd_temperature is not None:
+        if not args.kd_temperature > 0:
+            raise ValueError(f"--kd-temperature must be above 0, got {args.kd_temperature}")
+        recipe = replace(recipe, kd_temperature=args.kd_temperature)
     fit(
         args.data,
         args.out,
@@ -150,6 +203,7 @@ def _fit(args) -> int:
         seed=args.seed,
         init=args.init,
         keep_epochs=args.keep_epochs,
+        teacher=args.teacher,
     )
     return 0
 
@@ -157,18 +211,33 @@ def _fit(args) -> int:
 def _evaluate(args) -> int:
     from training.data import load_split
     from training.evaluate import evaluate_model
-    from training.fit import pick_device
-    from worker.classify import autocast_dtype
-    from worker.model import BUNDLED_WEIGHTS, load_checkpoint
+    from worker.classify import load_model, plan, precision_name
+    from worker.config import ModelSettings
 
-    dev = pick_device(args.device)
-    model, info = load_checkpoint(args.weights or BUNDLED_WEIGHTS, dev)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be 1 or more, got {args.batch_size}")
+    chosen = plan(
+        ModelSettings(
+            weights=args.weights, device=args.device, backend=args.backend, precision=args.precision, tta="none"
+        )
+    )
+    model, info = load_model(chosen)
     split = load_split(args.data, args.split, info.classes)
-    result = evaluate_model(model, info, split, args.tta, amp=autocast_dtype(dev))
+    result = evaluate_model(model, info, split, args.tta, amp=chosen.amp, batch_size=args.batch_size)
+    result.update(
+        weights=str(chosen.weights),
+        device=str(chosen.device) if chosen.device.type != "cuda" else torch_device_name(chosen.device),
+        backend=chosen.backend,
+        precision=precision_name(model, chosen.amp),
+        tta=args.tta,
+    )
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{args.weights or BUNDLED_WEIGHTS} on {split.source} ({result['n']} images, TTA {args.tta})")
+    print(
+        f"{chosen.weights} on {split.source} ({result['n']} images, TTA {args.tta}); {result['backend']} "
+        f"{result['precision']} on {result['device']}, batch {args.batch_size}: {result['faces_per_s']:.1f} faces/s"
+    )
     print(f"accuracy {result['accuracy']:.4f}")
     for name, acc in result["per_class"].items():
         print(f"  {name:9s} {acc:.4f}  ({result['counts'][name]} images)")
@@ -215,11 +284,29 @@ def _average(args) -> int:
 
 
 def _export(args) -> int:
-    from training.export import export
+    from training.export import export, export_onnx
 
-    path = export(args.run, args.to)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if args.int8 and not args.onnx:
+        raise ValueError("--int8 applies to the ONNX export; add --onnx")
+    if not args.onnx:
+        path = export(Path(args.run), args.to)
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+        return 0
+    if args.data is None:
+        raise ValueError("--onnx needs --data, a folder with val/ (and train/ for --int8)")
+    if args.calibration < 1:
+        raise ValueError(f"--calibration must be 1 or more, got {args.calibration}")
+    path, scores = export_onnx(args.run, args.data, args.to, int8=args.int8, calibration=args.calibration)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); val accuracy (none / flip):")
+    for precision, acc in scores.items():
+        print(f"  {precision:5s} {acc['none']:.4f} / {acc['flip']:.4f}")
     return 0
+
+
+def torch_device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device)
 
 
 if __name__ == "__main__":

@@ -181,3 +181,190 @@ def _check_same_outputs(model: torch.nn.Module, exported: Path, to: Path) -> Non
             f"{to}: the fp16 copy changes class probabilities by up to {diff:.3g} "
             f"(tolerance {FP16_TOLERANCE}); the weights do not survive fp16"
         )
+
+
+ONNX_OPSET = 20
+# Largest fall in val/ accuracy allowed from the fp32 ONNX model to its int8 copy (0.3 points).
+INT8_TOLERANCE = 0.003
+CALIBRATION_FACES = 512  # train/ faces the int8 activation ranges are taken from
+ONNX_TTA = ("none", "flip")  # the TTA modes whose val/ accuracy the ONNX model carries
+
+
+def standard_elu(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with PyTorch's own ``nn.ELU`` in place of ``worker.model.ELU`` (same outputs).
+
+    Exporters trace the custom autograd ELU as a chain of element-wise ops;
+    ``nn.ELU`` becomes one ONNX ``Elu``.
+    """
+    from torch import nn
+
+    from worker.model import ELU
+
+    for block in model.modules():
+        for name, child in block.named_children():
+            if isinstance(child, ELU):
+                setattr(block, name, nn.ELU(inplace=False))
+    return model
+
+
+def export_onnx(
+    run: str | Path,
+    data: str | Path,
+    to: Path | None = None,
+    int8: bool = False,
+    calibration: int = CALIBRATION_FACES,
+    seed: int = 0,
+) -> tuple[Path, dict]:
+    """Write a checkpoint as an ONNX model for ONNX Runtime; return the path and its val/ accuracy.
+
+    ``run`` is a fit run's folder, a checkpoint file or a bundled model's name.
+    With ``int8`` the model is quantized statically (QDQ, weights per output
+    channel, S8S8), its activation ranges calibrated on ``calibration`` random
+    faces of ``data``'s train/. Both the fp32 and the int8 models are scored on
+    ``data``'s val/ with and without flip TTA, and the export is refused
+    (:class:`CheckpointError`, nothing written) when int8 falls more than
+    ``INT8_TOLERANCE`` below fp32. The file carries the checkpoint's metadata
+    as ONNX ``metadata_props``, with ``val_acc`` / ``val_acc_flip`` its own
+    (the checkpoint's figures kept as ``checkpoint_val_acc...``) and
+    ``onnx_precision`` (``int8`` or ``fp32``). ``to`` defaults to
+    ``<checkpoint>.int8.onnx`` (``<checkpoint>.onnx`` for fp32) beside the checkpoint.
+    Returns ``(path, {"fp32": {tta: accuracy}, "int8": {tta: accuracy}})``.
+    """
+    from training.data import load_split
+    from worker.model import OnnxModel, onnx_beside, resolve_weights
+
+    run = Path(run)
+    source = run_checkpoint(run) if run.exists() else resolve_weights(run)
+    model, info = load_checkpoint(source)
+    precision = "int8" if int8 else "fp32"
+    to = Path(to) if to is not None else onnx_beside(source, precision)
+    val = load_split(data, "val", info.classes)
+    staged = to.with_name(to.name + ".export.tmp")
+    work = [staged, to.with_name(f"{to.name}.fp32.tmp")]
+    try:
+        write_onnx(standard_elu(model).float(), info, work[1])
+        set_onnx_metadata(work[1], info.to_metadata())
+        scores = {"fp32": _score(OnnxModel(work[1]), info, val)}
+        if int8:
+            train = load_split(data, "train", info.classes)
+            picked = train.images[
+                torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:calibration]
+            ]
+            faces = ((picked.unsqueeze(1).float().div(255) - info.mean) / info.std).numpy()
+            quantize_onnx(work[1], staged, faces)
+            set_onnx_metadata(staged, info.to_metadata())
+            scores["int8"] = _score(OnnxModel(staged), info, val)
+            for tta in ONNX_TTA:
+                drop = scores["fp32"][tta]["accuracy"] - scores["int8"][tta]["accuracy"]
+                if drop > INT8_TOLERANCE:
+                    raise CheckpointError(
+                        f"{to}: int8 scores {drop * 100:.2f} points below fp32 on val/ (TTA {tta}), "
+                        f"the limit is {INT8_TOLERANCE * 100:.1f}; try more calibration faces"
+                    )
+        else:
+            os.replace(work[1], staged)
+        set_onnx_metadata(staged, _onnx_metadata(info, scores, precision, calibration))
+        os.replace(staged, to)
+    finally:
+        for path in work:
+            path.unlink(missing_ok=True)
+    return to, {p: {tta: r["accuracy"] for tta, r in s.items()} for p, s in scores.items()}
+
+
+def set_onnx_metadata(path: Path, meta: dict[str, str]) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, meta)
+    onnx.save(model, str(path))
+
+
+def write_onnx(model: torch.nn.Module, info: ModelInfo, path: Path) -> None:
+    import io
+    from contextlib import redirect_stdout
+
+    x = torch.zeros(2, 1, info.input_size, info.input_size)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with redirect_stdout(io.StringIO()):  # the exporter reports each of its passes on stdout
+        torch.onnx.export(
+            model.eval().to(memory_format=torch.contiguous_format),
+            (x,),
+            str(path),
+            input_names=["faces"],
+            output_names=["logits"],
+            dynamic_shapes=({0: batch},),
+            opset_version=ONNX_OPSET,
+            external_data=False,
+            dynamo=True,
+        )
+
+
+def quantize_onnx(fp32: Path, out: Path, faces) -> None:
+    """Quantize the fp32 ONNX model ``fp32`` into ``out``: static int8, QDQ, S8S8, weights per output channel.
+
+    ``faces`` (float32 NumPy array (N, 1, 48, 48), normalised as the model takes
+    them) calibrate the activation ranges (MinMax). S8S8 in QDQ form is what
+    ONNX Runtime recommends for CPUs; it also avoids the saturation that U8S8
+    can hit on x86 CPUs without VNNI, which are the ones this backend is for.
+    """
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Faces(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"faces": faces[i : i + 64]} for i in range(0, len(faces), 64)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    pre = Path(out).with_name(Path(out).name + ".pre.tmp")
+    try:
+        quant_pre_process(str(fp32), str(pre))  # shape inference and graph clean-up, as ONNX Runtime recommends
+        quantize_static(
+            str(pre),
+            str(out),
+            Faces(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+        )
+    finally:
+        pre.unlink(missing_ok=True)
+
+
+def _score(model, info: ModelInfo, val) -> dict:
+    from training.evaluate import evaluate_model
+
+    return {tta: evaluate_model(model, info, val, tta) for tta in ONNX_TTA}
+
+
+def _onnx_metadata(info: ModelInfo, all_scores: dict, precision: str, calibration: int) -> dict[str, str]:
+    """The metadata an ONNX model carries: its checkpoint's, with val/ figures of its own.
+
+    ``all_scores`` holds :func:`evaluate_model` results by precision, then TTA mode.
+    """
+    scores = all_scores[precision]
+    meta = info.to_metadata()
+    for tta in TTA_MODES:
+        key = val_acc_key(tta)
+        if key in meta:
+            meta[f"checkpoint_{key}"] = meta.pop(key)
+    if "val_per_class" in meta:
+        meta["checkpoint_val_per_class"] = meta.pop("val_per_class")
+    meta.pop("val_acc_tta", None)
+    for tta, result in scores.items():
+        meta[val_acc_key(tta)] = f"{result['accuracy']:.4f}"
+    meta["val_n"] = str(scores["none"]["n"])
+    meta["val_per_class"] = json.dumps(scores["none"]["per_class"])
+    meta["onnx_precision"] = precision
+    if precision != "fp32":
+        for tta, result in all_scores["fp32"].items():
+            meta[f"fp32_{val_acc_key(tta)}"] = f"{result['accuracy']:.4f}"
+    if precision == "int8":
+        meta["quantization"] = (
+            f"ONNX Runtime static, QDQ, S8S8, weights per channel, MinMax ranges of {calibration} train/ faces"
+        )
+    meta["onnx_exported"] = datetime.now(UTC).isoformat(timespec="seconds")
+    return meta

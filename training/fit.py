@@ -9,6 +9,7 @@ accuracy, chosen on ``val/`` only.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import platform
@@ -21,12 +22,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from training.augment import Augment, augment
 from training.data import Split, load_split
 from worker.classify import autocast_dtype, predict
-from worker.model import CLASSES, FER_MEAN, FER_STD, ModelInfo, ResNet9, save_checkpoint
+from worker.model import (
+    CLASSES,
+    FER_MEAN,
+    FER_STD,
+    CheckpointError,
+    ModelInfo,
+    ResNet9,
+    load_checkpoint,
+    read_info,
+    resolve_weights,
+    save_checkpoint,
+)
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,10 @@ class Recipe:
     head_lr_scale: float = 1.0  # learning rate of the classifier relative to the rest (SGD)
     quiet_init: bool = False  # start residual branches and the classifier at zero (see quiet_init)
     dropout: float = 0.5  # rate of the three dropout layers while training (the network has none at test time)
+    # With a teacher (fit's ``teacher``): the loss is kd_weight times the soft-target loss at
+    # kd_temperature plus (1 - kd_weight) times the label loss (Hinton et al., 2015).
+    kd_weight: float = 0.7
+    kd_temperature: float = 4.0
     augment: Augment = field(default_factory=Augment)
 
 
@@ -98,6 +114,8 @@ STATE_FILE = "train_state.safetensors"
 EPOCHS_DIR = "epochs"  # where --keep-epochs writes each epoch's checkpoint
 BEST_FILE = "best.safetensors"
 METRICS_FILE = "metrics.json"
+TEACHER_DIR = "teacher-targets"  # beside the run folders, shared by the runs with one teacher and data
+TEACHER_TTA = "flip"  # the teacher's soft targets: its prediction with the worker's test-time augmentation
 
 
 def epoch_file(epoch: int) -> str:
@@ -144,7 +162,6 @@ def start_from(model: ResNet9, path: str | Path) -> ModelInfo:
     or one with other classes, raises :class:`CheckpointError` naming both.
     """
     from training.widen import widen
-    from worker.model import CheckpointError, load_checkpoint
 
     src, info = load_checkpoint(path)
     if info.width > model.width or tuple(info.classes) != CLASSES:
@@ -186,6 +203,59 @@ def epochs_behind(extra: dict[str, str]) -> int | None:
     """
     own = extra.get("best_epoch") or extra.get("epoch")
     return int(own) + int(extra.get("init_epochs") or 0) if own else None
+
+
+def teacher_targets(teacher: str | Path, train: Split, dev: torch.device, amp, cache: Path) -> tuple[torch.Tensor, str]:
+    """The teacher's log-probabilities (N, classes) on the clean ``train`` faces, and its version.
+
+    ``teacher`` is a bundled model's name or a checkpoint; it predicts with flip
+    test-time augmentation. Computing them takes the teacher's inference over
+    the whole split once (about 10 minutes for the full model on a 2-core CPU),
+    so they are kept in the folder ``cache`` under a key made of the teacher's
+    file, the images, the TTA and the precision, and read back by every later
+    run with the same teacher and data.
+    """
+    path = resolve_weights(teacher)
+    info = read_info(path)
+    if tuple(info.classes) != tuple(train.classes):
+        raise CheckpointError(f"{path}: the teacher's classes {list(info.classes)} are not {list(train.classes)}")
+    key = hashlib.sha256(path.read_bytes())
+    for part in (train.images.numpy(), train.labels.numpy(), TEACHER_TTA, str(amp)):
+        key.update(part.tobytes() if hasattr(part, "tobytes") else part.encode())
+    file = cache / f"{info.version}-{key.hexdigest()[:16]}.safetensors"
+    if file.is_file():
+        print(f"teacher {info.version}: soft targets read from {file}", file=sys.stderr)
+        return load_file(str(file))["log_probs"], info.version
+    from tqdm import tqdm  # the train extra
+
+    model, info = load_checkpoint(path, dev)
+    chunk = 512
+    probs = torch.cat(
+        [
+            predict(model, info, train.images[i : i + chunk], TEACHER_TTA, amp=amp)
+            for i in tqdm(range(0, len(train), chunk), desc=f"teacher {info.version}", leave=False, disable=None)
+        ]
+    )
+    log_probs = probs.clamp_min(1e-12).log()
+    cache.mkdir(parents=True, exist_ok=True)
+    meta = {"teacher": str(path), "version": info.version, "images": str(len(train)), "tta": TEACHER_TTA}
+    save_file({"log_probs": log_probs}, str(file), metadata=meta)
+    print(
+        f"teacher {info.version}: {accuracy(probs, train.labels):.4f} of the train faces right with {TEACHER_TTA} "
+        f"TTA; soft targets written to {file}",
+        file=sys.stderr,
+    )
+    return log_probs, info.version
+
+
+def distill_loss(logits: torch.Tensor, teacher_log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL divergence from the teacher's to the student's class distribution, both softened by ``temperature``.
+
+    Scaled by the temperature squared, so its gradients keep their size whatever the temperature.
+    """
+    student = F.log_softmax(logits / temperature, dim=1)
+    target = F.log_softmax(teacher_log_probs / temperature, dim=1)
+    return F.kl_div(student, target, log_target=True, reduction="batchmean") * temperature**2
 
 
 def make_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -230,6 +300,7 @@ def fit(
     seed: int = 0,
     init: str | Path | None = None,
     keep_epochs: bool = False,
+    teacher: str | Path | None = None,
 ) -> dict:
     """Train, writing the training state, ``best.safetensors``, ``metrics.json`` and plots into ``out``.
 
@@ -238,6 +309,10 @@ def fit(
     (a second, warm-restarted schedule on a finished run). ``keep_epochs`` also
     writes the checkpoint of every epoch (the EMA weights where the recipe keeps
     them) as ``epochs/epoch-NNN.safetensors``, for ``emotion-train average``.
+    ``teacher`` (a bundled model's name or a checkpoint) distils it into the
+    model: its soft targets on the clean train faces (:func:`teacher_targets`,
+    cached in ``TEACHER_DIR`` beside ``out``) join the labels in the loss, with
+    the recipe's ``kd_weight`` and ``kd_temperature``.
     Returns the metrics written to ``metrics.json``.
     """
     out = Path(out)
@@ -291,6 +366,11 @@ def fit(
     x_train = train.images.unsqueeze(1).to(dev)
     y_train = train.labels.to(dev)
     info = ModelInfo(width=width, mean=FER_MEAN, std=FER_STD)
+    soft = None
+    if teacher is not None:
+        soft, teacher_version = teacher_targets(teacher, train, dev, amp, out.parent / TEACHER_DIR)
+        soft = soft.to(dev)
+        info = replace(info, extra={"teacher": teacher_version})
 
     for epoch in range(start_epoch, recipe.epochs):
         model.train()
@@ -309,6 +389,9 @@ def fit(
             with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
+            if soft is not None:
+                kd = distill_loss(logits.float(), soft[idx], recipe.kd_temperature)
+                loss = (1 - recipe.kd_weight) * loss + recipe.kd_weight * kd
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if recipe.grad_clip_value:
@@ -375,6 +458,7 @@ def _best_info(
         info,
         version=datetime.now(UTC).strftime("%Y.%m.%d"),
         extra={
+            **info.extra,
             "recipe": recipe.name,
             "epoch": str(row["epoch"]),
             "epochs": str(recipe.epochs),
@@ -395,7 +479,6 @@ def _best_info(
 def finish(out: Path, recipe, width, dev, amp, history, train_seconds, val: Split, data, n_train) -> dict:
     from training.evaluate import evaluate_tta_modes, summary
     from training.plots import plot_confusion, plot_curves
-    from worker.model import load_checkpoint
 
     model, info = load_checkpoint(out / BEST_FILE, dev)
     results = evaluate_tta_modes(model, info, val, amp)
@@ -417,6 +500,7 @@ def finish(out: Path, recipe, width, dev, amp, history, train_seconds, val: Spli
         "val_confusion": results["none"]["confusion"],
         "classes": list(info.classes),
         "init": info.extra.get("init"),
+        "teacher": info.extra.get("teacher"),
         **{k: info.extra[k] for k in ("init_version", "init_epochs", "init_train_minutes") if k in info.extra},
         "data": str(data),
         "history": history,

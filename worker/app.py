@@ -59,8 +59,10 @@ class Worker:
             version=info.version,
             width=info.width,
             device=str(classifier.device),
+            backend=classifier.backend,
             precision=classifier.precision,
             tta=classifier.tta,
+            why=list(classifier.plan.why),  # what model.* = "auto" picked on this machine, and why
             # Accuracy on FER2013 val/ as recorded at export, with the TTA this worker uses.
             val_acc=info.extra.get(val_acc_key(classifier.tta)),
         )

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from worker.model import ModelInfo, ResNet9
+from worker.model import (
+    CheckpointError,
+    ModelInfo,
+    OnnxModel,
+    ResNet9,
+    load_checkpoint,
+    load_onnx,
+    onnx_beside,
+    resolve_weights,
+)
 
 TTA_MODES = ("none", "flip", "tencrop", "rotate")
 ROTATE_DEG = 8.0  # the rotate mode's angle: two thirds of the best recipe's largest training rotation (12 degrees)
@@ -23,11 +34,16 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu":
-        try:
-            return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-        except (AttributeError, RuntimeError):
-            return None
+        return torch.bfloat16 if cpu_has_bf16() else None
     return None
+
+
+def cpu_has_bf16() -> bool:
+    """Whether PyTorch runs bf16 on this CPU at speed (AVX-512 BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
@@ -66,7 +82,7 @@ def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
 
 @torch.inference_mode()
 def predict(
-    model: ResNet9,
+    model: ResNet9 | OnnxModel,
     info: ModelInfo,
     images: torch.Tensor,
     tta: str = "none",
@@ -75,9 +91,10 @@ def predict(
 ) -> torch.Tensor:
     """Class probabilities (N, C), float32 on the CPU, for uint8 grey crops (N, 1, 48, 48) or (N, 48, 48).
 
-    ``amp`` runs the network in that reduced precision (see :func:`autocast_dtype`).
+    ``model`` is a ResNet9 or an :class:`~worker.model.OnnxModel`; ``amp`` runs
+    a ResNet9 in that reduced precision (see :func:`autocast_dtype`).
     """
-    device = next(model.parameters()).device
+    device = model.device if isinstance(model, OnnxModel) else next(model.parameters()).device
     if images.dim() == 3:
         images = images.unsqueeze(1)
     out = []
@@ -92,47 +109,137 @@ def predict(
     return torch.cat(out) if out else torch.empty(0, len(info.classes))
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What the worker serves and why, chosen from the ``model`` settings and the machine (see :func:`plan`)."""
+
+    weights: Path  # the file loaded: a safetensors checkpoint (torch) or an ONNX model (onnxruntime)
+    backend: str  # "torch" or "onnxruntime"
+    device: torch.device
+    amp: torch.dtype | None  # reduced precision of the torch backend; None for fp32 and for onnxruntime
+    tta: str
+    why: tuple[str, ...]  # one sentence per choice made for "auto"
+
+
+def plan(settings, cuda: bool | None = None, bf16: bool | None = None) -> Plan:
+    """Choose the weights, backend, device and precision that the ``model`` settings ask for on this machine.
+
+    ``cuda`` and ``bf16`` say whether CUDA and a CPU with bf16 are there (default:
+    ask PyTorch). What ``auto`` means, from the figures in docs/benchmarks.md:
+    ``weights``: the full model on CUDA, the small one on a CPU, where the full
+    one cannot keep up with a 30 frames/s camera; ``backend``: PyTorch on CUDA
+    and on a CPU with bf16, int8 ONNX Runtime on another CPU (where PyTorch would
+    run in fp32, several times slower); ``precision``: as :func:`autocast_dtype`.
+    Raises :class:`CheckpointError` or ``ValueError`` naming the setting when
+    the settings contradict each other or the machine.
+    """
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    bf16 = cpu_has_bf16() if bf16 is None else bf16
+    why: list[str] = []
+    if settings.device == "cuda" and not cuda:
+        raise CheckpointError("model.device is 'cuda' but PyTorch sees no CUDA device")
+    device = torch.device("cuda" if settings.device == "cuda" or (settings.device == "auto" and cuda) else "cpu")
+
+    weights = settings.weights if settings.weights is not None else "auto"
+    if str(weights) == "auto":
+        weights = "resnet9" if device.type == "cuda" else "resnet9-small"
+        why.append(
+            "the full model on CUDA"
+            if device.type == "cuda"
+            else "the small model on a CPU: the full one cannot keep up with a 30 frames/s camera there "
+            "(model.weights = 'resnet9' takes it back)"
+        )
+    path = resolve_weights(weights)
+    is_onnx = path.suffix == ".onnx"
+    backend = settings.backend
+    if backend == "auto":
+        if is_onnx:
+            backend = "onnxruntime"
+            why.append("ONNX Runtime for an ONNX file")
+        elif device.type == "cuda":
+            backend = "torch"
+            why.append("PyTorch on CUDA")
+        elif settings.precision != "auto":
+            backend = "torch"
+            why.append(f"PyTorch, for model.precision {settings.precision!r}")
+        elif bf16:
+            backend = "torch"
+            why.append("PyTorch in bf16: this CPU has bf16")
+        elif onnx_beside(path).is_file():
+            backend = "onnxruntime"
+            why.append("int8 ONNX Runtime: this CPU lacks bf16, where PyTorch would run in fp32")
+        else:
+            backend = "torch"
+            why.append(f"PyTorch in fp32: this CPU lacks bf16 and there is no {onnx_beside(path).name} beside {path}")
+
+    if backend == "torch":
+        if is_onnx:
+            raise CheckpointError(f"model.backend 'torch' needs a safetensors checkpoint, {path} is an ONNX model")
+        return Plan(path, backend, device, _precision(settings.precision, device, bf16), settings.tta, tuple(why))
+    if settings.device == "cuda":
+        raise ValueError("model.backend 'onnxruntime' runs on the CPU; set model.device to 'cpu' or 'auto'")
+    if settings.precision != "auto":
+        raise ValueError(
+            f"model.precision {settings.precision!r} applies to the torch backend; "
+            "the onnxruntime backend computes in the precision of its ONNX file (leave model.precision 'auto')"
+        )
+    if not is_onnx:
+        onnx = onnx_beside(path)
+        if not onnx.is_file():
+            raise CheckpointError(
+                f"model.backend 'onnxruntime' needs an ONNX model: there is no {onnx.name} beside {path}; "
+                f"write it with 'emotion-train export --run {path} --onnx --int8 --data FER2013_FOLDER', "
+                "or set model.weights to an .onnx file"
+            )
+        path = onnx
+    return Plan(path, backend, torch.device("cpu"), None, settings.tta, tuple(why))
+
+
+def _precision(precision: str, device: torch.device, bf16: bool) -> torch.dtype | None:
+    if precision == "auto":
+        if device.type == "cpu":
+            return torch.bfloat16 if bf16 else None
+        return autocast_dtype(device)
+    if precision == "fp32":
+        return None
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ValueError("model.precision 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on the CPU")
+    return dtype
+
+
+def load_model(p: Plan, threads: int = 0) -> tuple[ResNet9 | OnnxModel, ModelInfo]:
+    """The network and metadata of the file ``p`` names, on its device, with the backend ``p`` chose."""
+    if p.backend == "onnxruntime":
+        return load_onnx(p.weights, threads)
+    return load_checkpoint(p.weights, p.device)
+
+
+def precision_name(model: ResNet9 | OnnxModel, amp: torch.dtype | None) -> str:
+    """What ``model`` computes in when run with ``amp``: fp32, bf16, fp16, or an ONNX model's int8."""
+    if isinstance(model, OnnxModel):
+        return model.precision
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
+
+
 class Classifier:
-    """The emotion model ready to serve: loaded, on its device, warmed up.
+    """The emotion model ready to serve: chosen (:func:`plan`), loaded, on its device, warmed up.
 
     ``settings`` is the ``model`` section of the configuration.
     """
 
     def __init__(self, settings):
-        from worker.model import BUNDLED_WEIGHTS, CheckpointError, load_checkpoint
-
         if settings.threads:
             torch.set_num_threads(settings.threads)
-        if settings.device == "cuda" and not torch.cuda.is_available():
-            raise CheckpointError("model.device is 'cuda' but PyTorch sees no CUDA device")
-        self.device = torch.device(
-            "cuda" if settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available()) else "cpu"
-        )
-        self.path = settings.weights or BUNDLED_WEIGHTS
-        if settings.weights is None and not BUNDLED_WEIGHTS.is_file():
-            raise CheckpointError(
-                f"no model is bundled at {BUNDLED_WEIGHTS} and model.weights is not set; "
-                "train one with 'emotion-train fit' and 'emotion-train export' (see README, Training), "
-                "or point model.weights (EMOTION_MODEL__WEIGHTS) at a checkpoint"
-            )
-        self.model, self.info = load_checkpoint(self.path, self.device)
-        self.amp = self._precision(settings.precision)
-        self.tta = settings.tta
+        self.plan = plan(settings)
+        self.path, self.device, self.backend = self.plan.weights, self.plan.device, self.plan.backend
+        self.amp, self.tta = self.plan.amp, self.plan.tta
+        self.model, self.info = load_model(self.plan, settings.threads)
         self.predict(torch.zeros(2, 1, self.info.input_size, self.info.input_size, dtype=torch.uint8))
-
-    def _precision(self, precision: str) -> torch.dtype | None:
-        if precision == "auto":
-            return autocast_dtype(self.device)
-        if precision == "fp32":
-            return None
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        if self.device.type == "cpu" and dtype == torch.float16:
-            raise ValueError("model.precision 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on the CPU")
-        return dtype
 
     @property
     def precision(self) -> str:
-        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp]
+        return precision_name(self.model, self.amp)
 
     def predict(self, crops) -> torch.Tensor:
         """Probabilities (N, classes) for uint8 grey crops (N, 48, 48) (a NumPy array or a tensor)."""

@@ -176,12 +176,25 @@ class BrokerSettings(Section):
 
 
 class ModelSettings(Section):
-    weights: Path | None = Field(None, description="Checkpoint (.safetensors); unset uses the bundled model.")
+    weights: Literal["auto", "resnet9", "resnet9-small"] | Path | None = Field(
+        "auto",
+        description="The model: a bundled one by name (resnet9: the full model; resnet9-small: a half-width "
+        "model distilled from it, faster and a little less accurate), a checkpoint (.safetensors) or an ONNX "
+        "model (.onnx). auto (or unset): resnet9 on CUDA, resnet9-small on a CPU.",
+    )
+    backend: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto",
+        description="What runs the network. torch: PyTorch, on the CPU or CUDA; onnxruntime: ONNX Runtime on the "
+        "CPU, with the int8 ONNX file beside the checkpoint (<name>.int8.onnx). auto: torch on CUDA and on a CPU "
+        "with bf16, onnxruntime on another CPU.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where to run the network: auto picks CUDA when available."
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on a CPU that has it, bf16 or fp16 on CUDA, else fp32."
+        "auto",
+        description="Precision of the torch backend. auto: bf16 on a CPU that has it, bf16 or fp16 on CUDA, "
+        "else fp32. The onnxruntime backend computes in its file's precision and takes auto only.",
     )
     tta: Literal["none", "flip", "tencrop", "rotate"] = Field(
         "flip",
@@ -190,7 +203,9 @@ class ModelSettings(Section):
     )
     batch_size: int = Field(32, ge=1, le=1024, description="Most faces classified in one batch.")
     max_wait_ms: float = Field(5.0, ge=0, le=1000, description="Longest wait for more faces to fill a batch, in ms.")
-    threads: int = Field(0, ge=0, description="CPU threads for the network; 0 leaves PyTorch's default.")
+    threads: int = Field(
+        0, ge=0, description="CPU threads for the network; 0 leaves the default of PyTorch or ONNX Runtime."
+    )
 
 
 class DetectorSettings(Section):

@@ -22,11 +22,38 @@ INPUT_SIZE = 48
 # Mean and standard deviation of FER2013 train/ pixels scaled to [0, 1].
 FER_MEAN = 0.5077
 FER_STD = 0.2550
-BUNDLED_WEIGHTS = Path(__file__).parent / "weights" / "resnet9.safetensors"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+# The models bundled with the worker, by the name ``model.weights`` and ``--weights`` take:
+# the full ResNet9 and a half-width one distilled from it (see docs/benchmarks.md).
+BUNDLED = {
+    "resnet9": WEIGHTS_DIR / "resnet9.safetensors",
+    "resnet9-small": WEIGHTS_DIR / "resnet9-small.safetensors",
+}
+BUNDLED_WEIGHTS = BUNDLED["resnet9"]
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or does not describe a usable model."""
+
+
+def resolve_weights(weights: str | Path | None) -> Path:
+    """The checkpoint file ``weights`` names: a bundled model's name (:data:`BUNDLED`), or a path.
+
+    ``None`` means the full bundled model. A bundled name whose file is missing
+    raises :class:`CheckpointError` saying so; a path is returned as it is
+    (loading it names any problem).
+    """
+    if weights is None:
+        weights = "resnet9"
+    if str(weights) in BUNDLED:
+        path = BUNDLED[str(weights)]
+        if not path.is_file():
+            raise CheckpointError(
+                f"the bundled model {str(weights)!r} is missing: {path} does not exist; reinstall the package, "
+                "or set model.weights (EMOTION_MODEL__WEIGHTS, --weights) to a checkpoint file"
+            )
+        return path
+    return Path(weights)
 
 
 class _CPUELU(torch.autograd.Function):
@@ -272,6 +299,75 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 
 def _check_file(path: Path) -> None:
     if not path.exists():
-        raise CheckpointError(f"model checkpoint {path} does not exist")
+        # A bare word is most likely a mistyped bundled model's name.
+        hint = f" (the bundled models are {', '.join(BUNDLED)})" if len(path.parts) == 1 and not path.suffix else ""
+        raise CheckpointError(f"model checkpoint {path} does not exist{hint}")
     if not path.is_file():
         raise CheckpointError(f"model checkpoint {path} is not a file")
+
+
+def onnx_beside(path: str | Path, precision: str = "int8") -> Path:
+    """Where ``emotion-train export --onnx`` puts the ONNX copy of the checkpoint at ``path``.
+
+    ``resnet9.safetensors`` gives ``resnet9.int8.onnx`` (``resnet9.onnx`` for fp32), in the same folder.
+    """
+    path = Path(path)
+    return path.with_name(f"{path.stem}.{precision}.onnx" if precision != "fp32" else f"{path.stem}.onnx")
+
+
+class OnnxModel:
+    """A model exported by ``emotion-train export --onnx``, run by ONNX Runtime on the CPU.
+
+    Called like the ResNet9: normalised float faces (N, 1, 48, 48) in, logits
+    (N, classes) out, as float32 tensors on the CPU. ``precision`` is what the
+    file computes in: ``int8`` (quantized) or ``fp32``. ``threads`` sets ONNX
+    Runtime's threads for one call (0: one per core).
+    """
+
+    device = torch.device("cpu")
+
+    def __init__(self, path: str | Path, threads: int = 0):
+        import onnxruntime as ort
+
+        path = Path(path)
+        _check_file(path)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3  # ONNX Runtime's warnings about its own graph rewrites are not the user's
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ONNX Runtime raises its own types for unreadable or invalid models
+            raise CheckpointError(f"{path}: not a readable ONNX model ({str(exc).strip()[:300]})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.info = ModelInfo.from_metadata(meta, str(path))
+        self.precision = meta.get("onnx_precision", "fp32")
+        self.input = self.session.get_inputs()[0].name
+        self.path = path
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input: x.detach().float().contiguous().cpu().numpy()})[0]
+        return torch.from_numpy(out)
+
+    def eval(self) -> OnnxModel:
+        return self
+
+
+def load_onnx(path: str | Path, threads: int = 0) -> tuple[OnnxModel, ModelInfo]:
+    """Load an ONNX model written by ``emotion-train export --onnx`` and the metadata it carries.
+
+    Raises :class:`CheckpointError` naming the file when it is missing, not ONNX,
+    lacks the metadata, or does not give one logit per class for a batch of faces.
+    """
+    model = OnnxModel(path, threads)
+    info = model.info
+    try:
+        out = model(torch.zeros(2, 1, info.input_size, info.input_size))
+    except Exception as exc:
+        raise CheckpointError(f"{path}: the ONNX model does not run on a batch of faces ({exc})") from None
+    if tuple(out.shape) != (2, len(info.classes)):
+        raise CheckpointError(
+            f"{path}: the ONNX model gives outputs of shape {tuple(out.shape)} for 2 faces, "
+            f"expected (2, {len(info.classes)}) for its classes {list(info.classes)}"
+        )
+    return model, info

@@ -81,3 +81,28 @@ def test_missing_weights_is_an_error_naming_the_file(tmp_path, happy_and_sad, ca
     missing = tmp_path / "nope.safetensors"
     assert main(["evaluate", "--device", "cpu", "--weights", str(missing), "--data", str(happy_and_sad)]) == 2
     assert f"{missing} does not exist" in capsys.readouterr().err
+
+
+def test_json_reports_throughput_device_precision_backend_and_batch_size(tmp_path, happy_and_sad, capsys):
+    weights = constant_model(tmp_path / "happy.safetensors", "happy")
+    args = ["--weights", str(weights), "--data", str(happy_and_sad), "--precision", "fp32", "--batch-size", "5"]
+    result = evaluate_json(capsys, *args)
+    assert result["faces_per_s"] > 0 and result["batch_size"] == 5
+    assert (result["device"], result["precision"], result["backend"]) == ("cpu", "fp32", "torch")
+    assert result["accuracy"] == round(5 / 12, 4)
+
+
+def test_evaluate_an_onnx_model_and_a_checkpoint_on_onnxruntime(tiny_onnx, happy_and_sad, capsys):
+    direct = evaluate_json(capsys, "--weights", str(tiny_onnx["int8"]), "--data", str(happy_and_sad))
+    assert (direct["backend"], direct["precision"], direct["device"]) == ("onnxruntime", "int8", "cpu")
+    assert direct["n"] == 12 and direct["faces_per_s"] > 0
+    beside = evaluate_json(
+        capsys, "--weights", str(tiny_onnx["checkpoint"]), "--backend", "onnxruntime", "--data", str(happy_and_sad)
+    )
+    assert beside["weights"] == str(tiny_onnx["int8"])
+    assert beside["confusion"] == direct["confusion"]
+
+
+def test_evaluate_takes_a_bundled_name(happy_and_sad, capsys):
+    result = evaluate_json(capsys, "--weights", "resnet9", "--data", str(happy_and_sad), "--batch-size", "4")
+    assert result["weights"].endswith("worker/weights/resnet9.safetensors") and result["n"] == 12

@@ -170,3 +170,103 @@ def test_export_refuses_weights_that_do_not_survive_fp16(tmp_path):
     with pytest.raises(CheckpointError, match="do not survive fp16"):
         export(source, tmp_path / "model.safetensors")
     assert not (tmp_path / "model.safetensors").exists()
+
+
+# --- ONNX -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def int8_export(best_run, small_fer, tmp_path_factory):
+    """``export_onnx(best_run, --int8)`` on 64 calibration faces, with its returned val/ accuracy.
+
+    The tolerance is lifted: a one-epoch model's accuracy on 84 faces moves by more
+    than 0.3 points with any rounding. The bundled models are held to it (test_bundled_model).
+    """
+    to = tmp_path_factory.mktemp("onnx") / "best.int8.onnx"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(training.export, "INT8_TOLERANCE", 1.0)
+        path, scores = training.export.export_onnx(best_run, small_fer, to, int8=True, calibration=64)
+    return path, scores
+
+
+def test_int8_onnx_export_carries_the_metadata_and_its_own_accuracy(int8_export, best_run, small_fer):
+    import onnx
+
+    from training.data import load_split
+    from training.evaluate import evaluate_model
+    from worker.model import load_onnx
+
+    path, scores = int8_export
+    _, checkpoint = load_checkpoint(best_run / "best.safetensors")
+    model, info = load_onnx(path)
+    assert (info.name, info.version, info.classes, info.width) == (
+        checkpoint.name,
+        checkpoint.version,
+        checkpoint.classes,
+        checkpoint.width,
+    )
+    assert (info.mean, info.std, model.precision) == (checkpoint.mean, checkpoint.std, "int8")
+    extra = info.extra
+    assert (
+        extra["val_acc"] == f"{scores['int8']['none']:.4f}" and extra["val_acc_flip"] == f"{scores['int8']['flip']:.4f}"
+    )
+    assert extra["fp32_val_acc"] == f"{scores['fp32']['none']:.4f}"
+    assert extra["checkpoint_val_acc"] == checkpoint.extra["val_acc"] and "val_acc_tencrop" not in extra
+    assert "64 train/ faces" in extra["quantization"] and "QDQ" in extra["quantization"]
+    # The figures are those of this very file on val/.
+    val = load_split(small_fer, "val")
+    assert evaluate_model(model, info, val, "flip")["accuracy"] == scores["int8"]["flip"]
+    # Static QDQ quantization, per output channel for the convolution weights.
+    graph = onnx.load(str(path)).graph
+    ops = {n.op_type for n in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "Elu"} <= ops
+    sizes = {i.name: int(np.prod(i.dims)) for i in graph.initializer}
+    axes = [n for n in graph.node if n.op_type == "DequantizeLinear" and sizes.get(n.input[1], 1) > 1]
+    assert len(axes) >= 8  # the eight convolutions of a ResNet9 at least
+
+
+def onnx_copy_of(source):
+    """A stand-in for ``write_onnx`` that copies ``source``: the export path without a second trace."""
+
+    def write(model, info, path):
+        shutil.copy(source, path)
+
+    return write
+
+
+def test_int8_export_is_refused_below_the_tolerance_and_writes_nothing(tiny_onnx, small_fer, tmp_path, monkeypatch):
+    monkeypatch.setattr(training.export, "write_onnx", onnx_copy_of(tiny_onnx["fp32"]))
+    monkeypatch.setattr(training.export, "INT8_TOLERANCE", -1.0)  # every int8 model falls short
+    with pytest.raises(CheckpointError, match="points below fp32 on val/ .TTA none.") as info:
+        training.export.export_onnx(
+            tiny_onnx["checkpoint"], small_fer, tmp_path / "m.int8.onnx", int8=True, calibration=32
+        )
+    assert str(tmp_path / "m.int8.onnx") in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_onnx_export_writes_beside_the_checkpoint(tiny_onnx, small_fer, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(training.export, "write_onnx", onnx_copy_of(tiny_onnx["fp32"]))
+    checkpoint = tmp_path / "mine.safetensors"
+    shutil.copy(tiny_onnx["checkpoint"], checkpoint)
+    assert main(["export", "--run", str(checkpoint), "--onnx", "--data", str(small_fer)]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'mine.onnx'}" in out and "fp32" in out and "int8" not in out
+    from worker.model import load_onnx
+
+    model, info = load_onnx(tmp_path / "mine.onnx")
+    assert model.precision == "fp32" and info.extra["val_n"] == str(7 * 12)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.onnx", "mine.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "args, error",
+    [
+        (["--int8"], "--int8 applies to the ONNX export; add --onnx"),
+        (["--onnx"], "--onnx needs --data"),
+        (["--onnx", "--int8", "--data", "D", "--calibration", "0"], "--calibration must be 1 or more"),
+    ],
+)
+def test_cli_onnx_export_options_are_checked(best_run, args, error, capsys):
+    assert main(["export", "--run", str(best_run), *args]) == 2
+    assert error in capsys.readouterr().err

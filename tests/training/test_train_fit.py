@@ -30,6 +30,7 @@ METRICS_KEYS = {
     "val_confusion",
     "classes",
     "init",
+    "teacher",
     "data",
     "history",
 }
@@ -297,3 +298,90 @@ def test_light_augmentation_changes_training_and_is_recorded(seed_run, small_fer
     with pytest.raises(SystemExit, match="another recipe or width"):
         main(args)
     assert main([*args, "--augment", "light"]) == 0
+
+
+# --- distillation --------------------------------------------------------------------------------
+
+
+def test_distill_loss_is_the_scaled_kl_divergence_of_the_softened_distributions():
+    import torch
+
+    from training.fit import distill_loss
+
+    torch.manual_seed(0)
+    teacher = torch.randn(6, 7).log_softmax(1)
+    assert distill_loss(teacher.clone(), teacher, 4.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert distill_loss(teacher + 5.0, teacher, 4.0).item() == pytest.approx(0.0, abs=1e-6)  # softmax ignores shifts
+    student = torch.randn(6, 7)
+    p, q = (teacher / 2).softmax(1), (student / 2).softmax(1)
+    expected = (p * (p.log() - q.log())).sum(1).mean() * 4
+    assert distill_loss(student, teacher, 2.0).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_teacher_targets_are_computed_once_and_keyed_by_teacher_and_data(
+    seed_run, best_run, small_fer, tmp_path, monkeypatch, capsys
+):
+    import torch
+
+    from training.data import load_split
+    from training.fit import teacher_targets
+
+    train = load_split(small_fer, "train")
+    cache = tmp_path / "cache"
+    first, version = teacher_targets(seed_run / "best.safetensors", train, torch.device("cpu"), None, cache)
+    assert (
+        first.shape == (len(train), len(CLASSES))
+        and version == load_checkpoint(seed_run / "best.safetensors")[1].version
+    )
+    torch.testing.assert_close(first.exp().sum(1), torch.ones(len(train)))  # log-probabilities of the flip TTA
+    assert "of the train faces right with flip TTA" in capsys.readouterr().err
+    assert len(list(cache.iterdir())) == 1
+
+    def no_inference(*args, **kwargs):
+        raise AssertionError("the teacher ran again")
+
+    monkeypatch.setattr(training.fit, "predict", no_inference)
+    again, _ = teacher_targets(seed_run / "best.safetensors", train, torch.device("cpu"), None, cache)
+    assert torch.equal(again, first) and "read from" in capsys.readouterr().err
+    monkeypatch.undo()
+    # Another teacher, or other images, are other targets.
+    teacher_targets(best_run / "best.safetensors", train, torch.device("cpu"), None, cache)
+    teacher_targets(seed_run / "best.safetensors", train.subset(100), torch.device("cpu"), None, cache)
+    assert len(list(cache.iterdir())) == 3
+
+
+def test_fit_with_a_teacher_distils_it_and_records_it(seed_run, best_run, small_fer, tmp_path, capsys):
+    out = tmp_path / "student"
+    teacher = seed_run / "best.safetensors"
+    args = ["fit", "--data", str(small_fer), "--out", str(out), "--recipe", "best", *TINY_FIT]
+    assert main([*args, "--teacher", str(teacher), "--kd-weight", "0.9", "--kd-temperature", "3"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    teacher_version = load_checkpoint(teacher)[1].version
+    assert metrics["teacher"] == teacher_version
+    assert (metrics["hyperparameters"]["kd_weight"], metrics["hyperparameters"]["kd_temperature"]) == (0.9, 3.0)
+    assert load_checkpoint(out / "best.safetensors")[1].extra["teacher"] == teacher_version
+    assert len(list((tmp_path / "teacher-targets").glob(f"{teacher_version}-*.safetensors"))) == 1
+    # Same seed, data order and recipe as best_run: only the soft targets change the loss.
+    reference = json.loads((best_run / "metrics.json").read_text())
+    assert reference["teacher"] is None
+    assert metrics["history"][0]["loss"] != pytest.approx(reference["history"][0]["loss"], rel=1e-2)
+    assert export(out, tmp_path / "student.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "flag, value, error",
+    [("--kd-weight", "1.5", "--kd-weight must be in [0, 1]"), ("--kd-temperature", "0", "--kd-temperature must be")],
+)
+def test_distillation_settings_are_checked(small_fer, tmp_path, capsys, flag, value, error):
+    args = ["fit", "--data", str(small_fer), "--out", str(tmp_path / "run"), *TINY_FIT, "--teacher", "resnet9"]
+    assert main([*args, flag, value]) == 2
+    assert error in capsys.readouterr().err
+
+
+def test_a_missing_teacher_is_named(small_fer, tmp_path, capsys):
+    missing = tmp_path / "teacher.safetensors"
+    assert (
+        main(["fit", "--data", str(small_fer), "--out", str(tmp_path / "run"), *TINY_FIT, "--teacher", str(missing)])
+        == 2
+    )
+    assert f"{missing} does not exist" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The model bundled with the worker: what `make run` and `emotion-worker classify` serve when no weights are set."""
+"""The models bundled with the worker: the full one, the small one and their int8 ONNX copies, each checked once."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ import subprocess
 import sys
 
 import cv2
+import pytest
 import torch
 from safetensors import safe_open
 
 from tests.conftest import FER, REPO
 from training.cli import main as train_cli
-from worker.model import BUNDLED_WEIGHTS, CLASSES, load_checkpoint
+from training.data import load_split
+from worker.classify import predict
+from worker.model import BUNDLED, BUNDLED_WEIGHTS, CLASSES, load_checkpoint, load_onnx, onnx_beside
 
 
 def test_bundled_model_is_a_trained_fp16_checkpoint_under_25_mb():
@@ -59,3 +62,38 @@ def test_classify_serves_the_bundled_model_when_no_weights_are_set(tmp_path):
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert [line["image"] for line in lines] == paths
     assert sum(line["emotion"] == "surprise" for line in lines) >= 5
+
+
+def test_bundled_small_model_is_distilled_from_the_full_one_and_scores_66_percent():
+    small = BUNDLED["resnet9-small"]
+    assert small.stat().st_size < 6_000_000  # fp16: about a quarter of the full model's 21.6 MB
+    with safe_open(str(small), "pt") as f:
+        dtypes = {f.get_tensor(key).dtype for key in f.keys() if f.get_tensor(key).is_floating_point()}
+    assert dtypes == {torch.float16}
+    _, info = load_checkpoint(small)
+    _, full = load_checkpoint(BUNDLED["resnet9"])
+    assert info.classes == CLASSES and info.width < full.width
+    assert info.extra["teacher"] == full.version
+    assert int(info.extra["val_n"]) == 3589 and float(info.extra["val_acc_flip"]) >= 0.66
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLED))
+def test_bundled_int8_onnx_is_its_checkpoint_within_0_3_points(name):
+    path = onnx_beside(BUNDLED[name])
+    model, info = load_onnx(path)
+    checkpoint, source = load_checkpoint(BUNDLED[name])
+    assert (info.name, info.version, info.classes, info.width) == (
+        source.name,
+        source.version,
+        source.classes,
+        source.width,
+    )
+    assert model.precision == "int8" and path.stat().st_size < 0.75 * BUNDLED[name].stat().st_size
+    extra = info.extra
+    assert int(extra["val_n"]) == 3589
+    for key in ("val_acc", "val_acc_flip"):
+        assert abs(float(extra[key]) - float(extra[f"fp32_{key}"])) <= 0.003, key
+    # On the test images it answers as the checkpoint does.
+    faces = load_split(FER, "val").images
+    ours, theirs = predict(model, info, faces, "flip"), predict(checkpoint, source, faces, "flip")
+    assert (ours.argmax(1) == theirs.argmax(1)).float().mean() >= 0.9

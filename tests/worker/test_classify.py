@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import worker.model
-from worker.classify import ROTATE_DEG, TTA_MODES, Classifier, autocast_dtype, predict, rotate, tta_views
+from worker.classify import ROTATE_DEG, TTA_MODES, Classifier, autocast_dtype, plan, predict, rotate, tta_views
 from worker.config import ModelSettings
-from worker.model import CheckpointError, load_checkpoint
+from worker.model import CheckpointError, load_checkpoint, load_onnx
 
 
 @pytest.fixture(scope="module")
@@ -227,12 +227,16 @@ def test_classifier_with_missing_weights(tmp_path):
     assert str(missing) in str(info.value) and "does not exist" in str(info.value)
 
 
-def test_classifier_without_weights_or_bundled_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(worker.model, "BUNDLED_WEIGHTS", tmp_path / "none.safetensors")
+@pytest.mark.parametrize("weights", [None, "auto", "resnet9-small", "resnet9"])
+def test_classifier_without_the_bundled_model(tmp_path, monkeypatch, weights):
+    missing = {"resnet9": tmp_path / "a.safetensors", "resnet9-small": tmp_path / "b.safetensors"}
+    monkeypatch.setattr(worker.model, "BUNDLED", missing)
     with pytest.raises(CheckpointError) as info:
-        Classifier(ModelSettings(device="cpu"))
+        Classifier(ModelSettings(device="cpu", weights=weights))
     message = str(info.value)
-    assert str(tmp_path / "none.safetensors") in message and "model.weights" in message
+    name = "resnet9" if weights == "resnet9" else "resnet9-small"  # auto on a CPU is the small model
+    assert f"bundled model '{name}' is missing" in message and str(missing[name]) in message
+    assert "model.weights" in message
 
 
 def test_fp16_on_cpu_is_refused(tiny_checkpoint):
@@ -250,3 +254,122 @@ def test_cuda_without_a_cuda_device(tiny_checkpoint, monkeypatch):
 
 def test_autocast_dtype_elsewhere():
     assert autocast_dtype(torch.device("meta")) is None
+
+
+# --- plan: what "auto" picks ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def bundled(tiny_onnx, monkeypatch):
+    """Bundled models by name: the tiny checkpoint (with its int8 ONNX beside it) stands in for both."""
+    monkeypatch.setattr(
+        worker.model, "BUNDLED", {"resnet9": tiny_onnx["checkpoint"], "resnet9-small": tiny_onnx["checkpoint"]}
+    )
+    return tiny_onnx
+
+
+def picked(settings: ModelSettings, cuda: bool = False, bf16: bool = True) -> tuple:
+    p = plan(settings, cuda=cuda, bf16=bf16)
+    return p.weights.name, p.backend, p.device.type, p.amp, p.tta
+
+
+def test_auto_serves_the_small_model_on_a_cpu_and_the_full_one_on_cuda(monkeypatch, tmp_path):
+    files = {"resnet9": tmp_path / "full.safetensors", "resnet9-small": tmp_path / "small.safetensors"}
+    for f in files.values():
+        f.touch()
+    monkeypatch.setattr(worker.model, "BUNDLED", files)
+    cpu = plan(ModelSettings(), cuda=False, bf16=True)
+    assert (cpu.weights, cpu.backend, cpu.device.type, cpu.amp) == (
+        files["resnet9-small"],
+        "torch",
+        "cpu",
+        torch.bfloat16,
+    )
+    assert "small model" in cpu.why[0] and "resnet9" in cpu.why[0]  # says how to take the full model back
+    gpu = plan(ModelSettings(), cuda=True, bf16=True)
+    assert (gpu.weights, gpu.backend, gpu.device.type) == (files["resnet9"], "torch", "cuda")
+    assert gpu.amp in (torch.bfloat16, torch.float16)
+    assert plan(ModelSettings(weights="resnet9"), cuda=False).weights == files["resnet9"]
+    assert plan(ModelSettings(weights=None), cuda=False).weights == files["resnet9-small"]
+
+
+def test_auto_backend_is_int8_onnxruntime_on_a_cpu_without_bf16(bundled):
+    ckpt = bundled["checkpoint"]
+    assert picked(ModelSettings(weights=ckpt), bf16=True) == (ckpt.name, "torch", "cpu", torch.bfloat16, "flip")
+    assert picked(ModelSettings(weights=ckpt), bf16=False) == ("tiny.int8.onnx", "onnxruntime", "cpu", None, "flip")
+    p = plan(ModelSettings(weights="resnet9-small", tta="none"), bf16=False)
+    assert (p.weights, p.backend, p.tta) == (bundled["int8"], "onnxruntime", "none")
+    assert any("lacks bf16" in why for why in p.why)
+    # An explicit precision is PyTorch's: the user asked for that arithmetic.
+    assert picked(ModelSettings(weights=ckpt, precision="fp32"), bf16=False)[:4] == (ckpt.name, "torch", "cpu", None)
+    # On CUDA the ONNX file beside the checkpoint is not used.
+    assert picked(ModelSettings(weights=ckpt), cuda=True, bf16=False)[1:3] == ("torch", "cuda")
+
+
+def test_auto_backend_without_an_int8_file_is_pytorch_fp32(tiny_checkpoint):
+    p = plan(ModelSettings(weights=tiny_checkpoint), bf16=False)
+    assert (p.weights, p.backend, p.amp) == (tiny_checkpoint, "torch", None)
+    assert "tiny.int8.onnx" in p.why[-1] and "fp32" in p.why[-1]
+
+
+def test_an_onnx_file_runs_on_onnxruntime(bundled):
+    p = plan(ModelSettings(weights=bundled["fp32"]), cuda=True)
+    assert (p.weights, p.backend, p.device.type) == (bundled["fp32"], "onnxruntime", "cpu")
+    assert picked(ModelSettings(weights=bundled["checkpoint"], backend="onnxruntime"))[:2] == (
+        "tiny.int8.onnx",
+        "onnxruntime",
+    )
+
+
+@pytest.mark.parametrize(
+    "settings, cuda, error",
+    [
+        ({"backend": "torch", "weights": "ONNX"}, False, "model.backend 'torch' needs a safetensors checkpoint"),
+        ({"backend": "onnxruntime", "device": "cuda"}, True, "model.backend 'onnxruntime' runs on the CPU"),
+        ({"backend": "onnxruntime", "precision": "bf16"}, False, "model.precision 'bf16' applies to the torch"),
+        ({"backend": "onnxruntime", "weights": "TINY"}, False, "there is no tiny.int8.onnx beside"),
+        ({"device": "cuda"}, False, "model.device is 'cuda' but PyTorch sees no CUDA device"),
+    ],
+)
+def test_contradictory_model_settings_are_refused(bundled, tiny_checkpoint, settings, cuda, error):
+    weights = {"ONNX": bundled["int8"], "TINY": tiny_checkpoint}.get(settings.get("weights"), bundled["checkpoint"])
+    with pytest.raises(ValueError) as info:
+        plan(ModelSettings(**{**settings, "weights": weights}), cuda=cuda, bf16=True)
+    assert error in str(info.value)
+    if "no tiny.int8.onnx" in error:
+        assert "emotion-train export" in str(info.value) and "--onnx --int8" in str(info.value)
+
+
+# --- the ONNX Runtime backend ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tta", TTA_MODES)
+def test_fp32_onnx_gives_the_probabilities_of_pytorch(tiny_onnx, tiny, crops, tta):
+    model, info = tiny
+    onnx_model, onnx_info = load_onnx(tiny_onnx["fp32"])
+    assert (onnx_info.classes, onnx_info.name, onnx_info.version) == (info.classes, "tiny-test", "t1")
+    assert (onnx_info.mean, onnx_info.std, onnx_model.precision) == (info.mean, info.std, "fp32")
+    expected = predict(model, info, crops, tta=tta)
+    torch.testing.assert_close(predict(onnx_model, onnx_info, crops, tta=tta), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_int8_onnx_stays_close_to_fp32(tiny_onnx, crops):
+    fp32, info = load_onnx(tiny_onnx["fp32"])
+    int8, _ = load_onnx(tiny_onnx["int8"])
+    assert int8.precision == "int8"
+    x = (crops.unsqueeze(1).float() / 255 - info.mean) / info.std
+    exact, quantized = fp32(x), int8(x)
+    assert not torch.equal(exact, quantized)  # it does compute in int8
+    assert (quantized - exact).norm() / exact.norm() < 0.1
+
+
+def test_classifier_on_onnxruntime_with_flip_tta(tiny_onnx, crops):
+    clf = classifier(tiny_onnx["checkpoint"], backend="onnxruntime", precision="auto", tta="flip")
+    assert (clf.backend, clf.precision, clf.path, clf.device.type) == ("onnxruntime", "int8", tiny_onnx["int8"], "cpu")
+    probs = clf.predict(crops.numpy())
+    assert probs.shape == (5, 7) and probs.dtype == torch.float32
+    torch.testing.assert_close(probs.sum(1), torch.ones(5))
+    # Flip TTA averages a face and its mirror, so a face and its mirror get one answer.
+    torch.testing.assert_close(clf.predict(crops.flip(-1)), probs, rtol=1e-4, atol=1e-5)
+    int8, info = load_onnx(tiny_onnx["int8"])
+    assert not torch.allclose(probs, predict(int8, info, crops, tta="none"), atol=1e-6)

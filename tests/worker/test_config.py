@@ -45,7 +45,8 @@ def test_defaults():
     assert s.mqtt.tls.enabled is False
     assert s.topics.frames == ["emotion/frames/+"] and s.topics.events == "emotion/events"
     assert s.broker.embedded is False
-    assert s.model.weights is None and s.model.tta == "flip" and s.model.batch_size == 32
+    assert s.model.weights == "auto" and s.model.backend == "auto" and s.model.precision == "auto"
+    assert s.model.tta == "flip" and s.model.batch_size == 32
     assert s.detector.kind == "haar" and s.detector.detect_width == 320 and s.detector.max_faces == 8
     assert s.pipeline.max_payload_bytes == 4_000_000 and s.pipeline.max_pixels == 16_000_000
     assert s.log.level == "info"
@@ -154,6 +155,7 @@ def test_unknown_env_section_with_nested_key(monkeypatch):
         ("EMOTION_MQTT__PORT", "0", "mqtt.port", "greater than or equal to 1"),
         ("EMOTION_MQTT__PROTOCOL", "4", "mqtt.protocol", "'4'"),
         ("EMOTION_MODEL__TTA", "mirror", "model.tta", "'mirror'"),
+        ("EMOTION_MODEL__BACKEND", "openvino", "model.backend", "'onnxruntime'"),
         ("EMOTION_DETECTOR__KIND", "dlib", "detector.kind", "'dlib'"),
         ("EMOTION_PIPELINE__MAX_PIXELS", "10", "pipeline.max_pixels", "1024"),
         ("EMOTION_LOG__LEVEL", "verbose", "log.level", "'verbose'"),
@@ -335,6 +337,21 @@ def test_changed_settings_round_trip_through_toml(tmp_path, monkeypatch):
     assert "certfile" not in doc["mqtt"]["tls"]  # None is left out
     monkeypatch.delenv("EMOTION_MQTT__TLS__CA_CERTS")
     assert load_settings(write(tmp_path, text, "dump.toml")) == settings
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("auto", "auto"),
+        ("resnet9", "resnet9"),
+        ("resnet9-small", "resnet9-small"),
+        ("/models/m.safetensors", Path("/models/m.safetensors")),
+        ("small.int8.onnx", Path("small.int8.onnx")),
+    ],
+)
+def test_model_weights_is_a_bundled_name_or_a_path(monkeypatch, value, expected):
+    monkeypatch.setenv("EMOTION_MODEL__WEIGHTS", value)
+    assert load_settings().model.weights == expected
 
 
 # --- the password from a file or a systemd credential --------------------------------------------

@@ -21,7 +21,9 @@ from worker.model import (
     ResNet9,
     channels,
     load_checkpoint,
+    load_onnx,
     read_info,
+    resolve_weights,
     save_checkpoint,
 )
 
@@ -444,3 +446,62 @@ def test_load_onto_a_device(tmp_path, tiny_checkpoint):
     model, info = load_checkpoint(tiny_checkpoint, device="cpu")
     assert next(model.parameters()).device.type == "cpu"
     assert info.name == "tiny-test" and info.version == "t1" and info.width == TINY
+
+
+# --- bundled models by name, ONNX models --------------------------------------------------------------
+
+
+def test_resolve_weights_takes_bundled_names_and_paths(tmp_path, monkeypatch):
+    import worker.model
+
+    files = {"resnet9": tmp_path / "full.safetensors", "resnet9-small": tmp_path / "small.safetensors"}
+    monkeypatch.setattr(worker.model, "BUNDLED", files)
+    files["resnet9"].touch()
+    assert resolve_weights("resnet9") == files["resnet9"]
+    assert resolve_weights(None) == files["resnet9"]
+    assert resolve_weights(tmp_path / "mine.safetensors") == tmp_path / "mine.safetensors"
+    with pytest.raises(CheckpointError) as info:
+        resolve_weights("resnet9-small")
+    assert "'resnet9-small' is missing" in str(info.value) and str(files["resnet9-small"]) in str(info.value)
+
+
+def test_a_mistyped_bundled_name_lists_the_names():
+    message = load_error("resnet9-smal")
+    assert "does not exist" in message and "resnet9, resnet9-small" in message
+
+
+def onnx_error(path) -> str:
+    with pytest.raises(CheckpointError) as info:
+        load_onnx(path)
+    message = str(info.value)
+    assert str(path) in message
+    return message
+
+
+def test_onnx_model_missing(tmp_path):
+    assert "does not exist" in onnx_error(tmp_path / "gone.int8.onnx")
+
+
+def test_onnx_model_of_random_bytes(tmp_path):
+    path = tmp_path / "junk.onnx"
+    path.write_bytes(bytes(range(256)) * 10)
+    assert "not a readable ONNX model" in onnx_error(path)
+
+
+def test_onnx_model_without_our_metadata(tiny_onnx, tmp_path):
+    import onnx
+
+    model = onnx.load(str(tiny_onnx["fp32"]))
+    del model.metadata_props[:]
+    path = tmp_path / "bare.onnx"
+    onnx.save(model, str(path))
+    assert "not an emotion model checkpoint" in onnx_error(path)
+
+
+def test_onnx_model_whose_metadata_names_other_classes(tiny_onnx, tmp_path):
+    from training.export import set_onnx_metadata
+
+    path = tmp_path / "five.onnx"
+    path.write_bytes(tiny_onnx["fp32"].read_bytes())
+    set_onnx_metadata(path, ModelInfo(classes=("a", "b", "c", "d", "e"), width=TINY).to_metadata())
+    assert "expected (2, 5)" in onnx_error(path)
