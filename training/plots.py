@@ -17,7 +17,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
     ax_loss.set(title="training loss", xlabel="epoch")
     ax_acc.plot(epochs, [r["train_acc"] for r in history], label="train (augmented)")
     ax_acc.plot(epochs, [r["val_acc"] for r in history], label="val")
-    ax_acc.plot(epochs, [r["val_acc_tta"] for r in history], label="val, TTA")
+    ax_acc.plot(epochs, [r["val_acc_flip"] for r in history], label="val, flip TTA")
     ax_acc.set(title="accuracy", xlabel="epoch")
     ax_acc.legend()
     ax_lr.plot(epochs, [r["lr"] for r in history])
