@@ -44,8 +44,8 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 class Mosquitto:
     """A Mosquitto broker on a free port, stoppable and restartable on the same port."""
 
-    def __init__(self, workdir: Path, persistence: bool = False):
-        """With ``persistence``, sessions and their queued messages survive a restart."""
+    def __init__(self, workdir: Path, persistence: bool = False, extra: str = ""):
+        """With ``persistence``, sessions and their queued messages survive a restart; ``extra``: more config lines."""
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(exe).exists():
             raise RuntimeError("mosquitto is not installed; `make test` installs Debian's package")
@@ -57,7 +57,7 @@ class Mosquitto:
         # Started as root, Mosquitto switches to the `mosquitto` user, which cannot write its
         # database into the test's private folder; the sessions would then not survive a restart.
         user = "user root\n" if os.geteuid() == 0 else ""
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{user}{keep}")
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{user}{keep}{extra}")
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -70,6 +70,115 @@ class Mosquitto:
             self.proc.terminate()
             self.proc.wait(5)
         self.proc = None
+
+
+class Outage:
+    """A TCP relay in front of a broker that can fail like a network: the broker stays up and sees its clients vanish.
+
+    Clients connect to ``port``. ``cut()`` closes every relayed connection and refuses new ones until
+    ``restore()``; the broker then publishes the clients' last wills, as it does when Wi-Fi drops.
+    """
+
+    def __init__(self, broker_port: int):
+        import threading
+
+        self.broker_port = broker_port
+        self.port = free_port()
+        self._lock = threading.Lock()
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._listener: socket.socket | None = None
+        self._stop = threading.Event()
+        self._flowing = threading.Event()  # cleared by pause(): nothing goes from the clients to the broker
+        self._flowing.set()
+        self.restore()
+
+    def pause(self) -> None:
+        """Stop reading what clients send, so their socket buffers fill up, as on a link that stalls."""
+        self._flowing.clear()
+
+    def restore(self) -> None:
+        import threading
+
+        self._flowing.set()
+        with self._lock:
+            if self._listener is not None:
+                return
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            deadline = time.monotonic() + 5
+            while True:  # the closed listener lingers while its accept thread finishes a poll
+                try:
+                    sock.bind(("127.0.0.1", self.port))
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            sock.listen(16)
+            sock.settimeout(0.1)
+            self._listener = sock
+        threading.Thread(target=self._accept, args=(sock,), daemon=True).start()
+
+    def cut(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            pairs, self._pairs = self._pairs, []
+        if listener is not None:
+            listener.close()
+        for a, b in pairs:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.cut()
+
+    def _accept(self, listener: socket.socket) -> None:
+        import threading
+
+        while not self._stop.is_set():
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:  # closed by cut()
+                return
+            client.settimeout(None)
+            upstream = socket.create_connection(("127.0.0.1", self.broker_port))
+            with self._lock:
+                if self._listener is not listener:
+                    client.close()
+                    upstream.close()
+                    return
+                self._pairs.append((client, upstream))
+            for src, dst, gate in ((client, upstream, self._flowing), (upstream, client, None)):
+                threading.Thread(target=self._pump, args=(src, dst, gate), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, gate) -> None:
+        def flowing() -> bool:  # waits while paused; False once the relay is closed or cut
+            while gate is not None and not gate.wait(0.1):
+                if self._stop.is_set() or src.fileno() < 0:
+                    return False
+            return True
+
+        try:
+            while flowing():
+                data = src.recv(65536)
+                # Read before a pause, sent after it only once the relay flows again.
+                if not data or not flowing():
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 @pytest.fixture
@@ -251,3 +360,23 @@ def signals_blocked_by_other_threads(pid: int) -> dict[str, set[int]]:
         mask = int(status["SigBlk"], 16)
         out[f"{status['Name'].strip()}-{task.name}"] = {n for n in range(1, 65) if mask >> (n - 1) & 1}
     return out
+
+
+@pytest.fixture
+def json_log():
+    """The worker's JSON logging into a buffer at info level; the process's logging is restored afterwards."""
+    import io
+    import logging
+
+    import structlog
+
+    from worker.log import setup_logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    buf = io.StringIO()
+    setup_logging("info", "json", stream=buf)
+    yield buf
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)

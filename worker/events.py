@@ -6,15 +6,19 @@ import json
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from worker.faces import Box
-from worker.frames import Frame
-from worker.model import ModelInfo
+if TYPE_CHECKING:  # types only: the rules and the CLI use this module without loading OpenCV or torch
+    from worker.faces import Box
+    from worker.frames import Frame
+    from worker.model import ModelInfo
 
 SCHEMA_VERSION = 1
 SCHEMAS = Path(__file__).parent / "schemas"
 EVENT_SCHEMA = SCHEMAS / "event.schema.json"
 ERROR_SCHEMA = SCHEMAS / "error.schema.json"
+OUTCOME_SCHEMA = SCHEMAS / "outcome.schema.json"
+SKIPPED = ("no_face", "stale", "dropped")  # outcomes that give neither an event nor an error record
 
 
 def iso(ts: float) -> str:
@@ -72,6 +76,32 @@ def make_error(
         "frame_id": frame_id,
         "at": iso(at),
         "payload_bytes": payload_bytes,
+    }
+
+
+def make_outcome(
+    outcome: str,
+    device_id: str | None,
+    topic: str,
+    frame_id: str | None,
+    message: str,
+    at: float,
+    **extra,
+) -> dict:
+    """What became of one frame: ``outcome`` is event, error, no_face, stale or dropped.
+
+    ``message`` says it in a sentence; ``extra`` adds ``event`` (the event), ``error``
+    (the error record) or ``detector`` (for no_face).
+    """
+    return {
+        "schema": SCHEMA_VERSION,
+        "outcome": outcome,
+        "device_id": device_id,
+        "frame_id": frame_id,
+        "topic": topic,
+        "message": message,
+        "at": iso(at),
+        **extra,
     }
 
 

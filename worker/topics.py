@@ -12,10 +12,15 @@ from worker.frames import FrameError
 
 def strip_share(topic_filter: str) -> str:
     """The topic filter without an MQTT 5 ``$share/<group>/`` prefix."""
-    if topic_filter.startswith("$share/"):
+    if is_shared(topic_filter):
         parts = topic_filter.split("/", 2)
         return parts[2] if len(parts) == 3 else ""
     return topic_filter
+
+
+def is_shared(topic_filter: str) -> bool:
+    """Whether ``topic_filter`` is an MQTT 5 shared subscription (``$share/<group>/...``)."""
+    return topic_filter.startswith("$share/")
 
 
 def matches(topic_filter: str, topic: str) -> bool:
@@ -41,6 +46,19 @@ def check_plain(topic: str) -> str:
     """``topic`` if it is a topic name one can publish to; a ValueError otherwise."""
     if not topic or "+" in topic or "#" in topic:
         raise ValueError(f"{topic!r} must be a topic name without wildcards")
+    return topic
+
+
+def check_publish(topic: str) -> str:
+    """``topic`` if a client may publish to it: a topic name without wildcards, not a ``$`` topic (``$SYS``, brokers
+    refuse those), without NUL, at most 65,535 bytes in UTF-8; a ValueError otherwise."""
+    check_plain(topic)
+    if topic.startswith("$"):
+        raise ValueError(f"{topic!r} starts with '$': topics such as $SYS belong to the broker")
+    if "\0" in topic:
+        raise ValueError(f"{topic!r} contains a NUL character")
+    if len(topic.encode()) > 65535:
+        raise ValueError(f"topic is {len(topic.encode())} bytes long; MQTT allows 65,535")
     return topic
 
 
@@ -72,3 +90,30 @@ def frame_topic(filters: list[str], device: str) -> str:
 def worker_status(status: str, client_id: str) -> str:
     """The retained availability topic of one worker: ``<status>/<client id>``."""
     return f"{status}/{client_id}"
+
+
+def check_device_id(device: str) -> str:
+    """``device`` if it can be one level of a topic; a ValueError otherwise."""
+    if not device or any(c in device for c in "/+#") or "\0" in device:
+        raise ValueError(f"device id {device!r} must be a non-empty topic level without '/', '+' or '#'")
+    return device
+
+
+def device_topic(base: str, device: str) -> str:
+    """The per-camera topic under ``base``, e.g. the retained state ``<state>/<device id>``."""
+    return f"{base}/{device}"
+
+
+def discovery_config(prefix: str, component: str, node_id: str, object_id: str) -> str:
+    """Home Assistant's discovery topic of one entity: ``<prefix>/<component>/<node_id>/<object_id>/config``."""
+    return f"{prefix}/{component}/{node_id}/{object_id}/config"
+
+
+def discovery_filter(prefix: str, node_id: str) -> str:
+    """The filter that matches every discovery config under ``node_id``, whatever the component and object."""
+    return f"{prefix}/+/{node_id}/+/config"
+
+
+def worker_stats(stats: str, client_id: str) -> str:
+    """The retained statistics topic of one worker: ``<stats>/<client id>``."""
+    return f"{stats}/{client_id}"

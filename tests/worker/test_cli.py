@@ -15,7 +15,7 @@ import cv2
 import jsonschema
 import pytest
 
-from tests.conftest import FER, REPO, needs_proc, signals_blocked_by_other_threads, start_worker
+from tests.conftest import FER, REPO, needs_proc, publisher, signals_blocked_by_other_threads, start_worker
 from worker.events import EVENT_SCHEMA, load_schema
 from worker.signals import hold_stop_signals, wait_for_stop
 
@@ -235,3 +235,137 @@ def test_sigterm_stops_the_wait_as_pid_1():
         proc.kill()
         proc.wait()
     assert out == "SIGTERM\n"
+
+
+def test_publish_prints_what_became_of_each_image(worker_env, tmp_path, face_frames, mosquitto):
+    images = tmp_path / "photos"
+    images.mkdir()
+    cv2.imwrite(str(images / "0-face.jpg"), face_frames[0][0])
+    cv2.imwrite(str(images / "1-wall.jpg"), face_frames[0][0] * 0 + 120)  # no face to find
+    worker = start_worker(worker_env, tmp_path / "worker.log")
+    try:
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "watch", "--count", "1", "--timeout", "90"],
+            env=worker_env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert watch.stdout.readline().startswith("status: ")  # the worker is online
+        pub = cli("publish", "--device", "desk", "--images", str(images), "--fps", "10", env=worker_env)
+        assert pub.returncode == 0, pub.stdout + pub.stderr
+        lines = pub.stdout.splitlines()
+        assert len(lines) == 2, lines
+        assert lines[0].startswith("desk-0 (0-face.jpg): ") and "at [" in lines[0] and " ms" in lines[0]
+        assert lines[1] == "desk-1 (1-wall.jpg): no face found (detector haar)"
+        out, _ = watch.communicate(timeout=90)
+        # watch shows the frame without a face too, from the skipped topic.
+        assert "desk/desk-1: no face found (detector haar)" in out
+        assert "desk/desk-0: " in out
+        # A bare JPEG asks for its outcome with an MQTT 5 response topic.
+        raw = cli("publish", "--device", "door", "--images", str(images / "1-wall.jpg"), "--raw", env=worker_env)
+        assert raw.returncode == 0, raw.stdout + raw.stderr
+        assert raw.stdout == "door-0 (1-wall.jpg): no face found (detector haar)\n"
+    finally:
+        worker.terminate()
+        worker.wait(15)
+
+
+def test_publish_says_when_no_worker_answers(worker_env, tmp_path, face_frames, mosquitto):
+    image = tmp_path / "face.jpg"
+    cv2.imwrite(str(image), face_frames[0][0])
+    pub = cli("publish", "--device", "desk", "--images", str(image), "--wait", "1", env=worker_env)
+    assert pub.returncode == 1
+    assert pub.stdout.startswith("desk-0: no answer within 1 s; is a worker running")
+
+
+def test_config_shows_the_file_the_weights_and_the_protocol_really_used(worker_env, tmp_path, mosquitto):
+    conf = tmp_path / "worker.toml"
+    conf.write_text('[mqtt]\nprotocol = "3.1.1"\n')
+    out = cli("config", "--config", str(conf), "--json", env=worker_env)
+    data = json.loads(out.stdout)
+    assert data["used"]["config_file"] == str(conf)
+    assert data["model"]["weights"] == worker_env["EMOTION_MODEL__WEIGHTS"]
+    assert data["mqtt"]["protocol"] == "3.1.1"
+    # With the embedded broker, the protocol is the one of the broker that would be used:
+    # here the Mosquitto already on the port, which speaks MQTT 5.
+    env = {**worker_env, "EMOTION_BROKER__PORT": str(mosquitto.port)}
+    out = cli("config", "--config", str(conf), "--embedded-broker", "--json", env=env)
+    data = json.loads(out.stdout)
+    assert data["mqtt"]["protocol"] == "5" and data["mqtt"]["port"] == mosquitto.port
+    assert data["used"]["broker"] == f"the broker already on 127.0.0.1:{mosquitto.port}, MQTT 5"
+    toml_out = cli(
+        "config",
+        "--config",
+        str(conf),
+        "--embedded-broker",
+        "--set",
+        "broker.kind=amqtt",
+        env={**worker_env, "EMOTION_BROKER__PORT": "0"},
+    )
+    assert f"# config file: {conf}" in toml_out.stdout
+    assert "# broker: amqtt, started in the worker on 127.0.0.1:0, MQTT 3.1.1" in toml_out.stdout
+    assert 'protocol = "3.1.1"' in toml_out.stdout
+
+
+def test_set_on_the_command_line_beats_the_environment_and_the_file(worker_env, tmp_path):
+    conf = tmp_path / "worker.toml"
+    conf.write_text('[mqtt]\nhost = "from-file.lan"\nkeepalive_s = 45\n[topics]\nframes = ["a/+"]\n')
+    env = {**worker_env, "EMOTION_MQTT__HOST": "from-env.lan"}
+    out = cli(
+        "config",
+        "--config",
+        str(conf),
+        "--json",
+        "--set",
+        "mqtt.host=from-cli.lan",
+        "--set",
+        "mqtt.tls.enabled=true",
+        "--set",
+        'topics.frames=["b/+", "c/+"]',
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["mqtt"]["host"] == "from-cli.lan" and data["mqtt"]["keepalive_s"] == 45
+    assert data["mqtt"]["tls"]["enabled"] is True and data["topics"]["frames"] == ["b/+", "c/+"]
+    bad = cli("config", "--set", "mqtt.prot=5", env=env)
+    assert bad.returncode == 2 and "mqtt.prot: unknown key" in bad.stderr
+    malformed = cli("config", "--set", "mqtt", env=env)
+    assert malformed.returncode == 2 and "expected section.key=value" in malformed.stderr
+
+
+def test_help_is_plain_text():
+    for args in (
+        ["-m", "worker.cli", "--help"],
+        ["-m", "worker.cli", "run", "--help"],
+        ["-m", "training.cli", "--help"],
+    ):
+        out = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "usage:" in out.stdout
+        assert "``" not in out.stdout, out.stdout
+
+
+def test_watch_topic_prints_the_messages_of_any_topic(worker_env, mosquitto):
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "watch", "--topic", "zigbee2mqtt/#", "--count", "2", "--timeout", "60"],
+        env=worker_env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert watch.stderr.readline().startswith("watching zigbee2mqtt/# on ")
+        camera = publisher(mosquitto.port)
+        camera.publish("emotion/events", b"{}", qos=1).wait_for_publish(5)  # not watched
+        camera.publish("zigbee2mqtt/kitchen_light/set", b'{"state": "ON"}', qos=1).wait_for_publish(5)
+        camera.publish("zigbee2mqtt/hall/set", b"OFF", qos=1, retain=True).wait_for_publish(5)
+        camera.loop_stop()
+        out, _ = watch.communicate(timeout=60)
+    finally:
+        watch.kill()
+        watch.wait()
+    lines = [line.split(" ", 1)[1] for line in out.splitlines()]  # without the time of day
+    assert watch.returncode == 0
+    assert lines == ['zigbee2mqtt/kitchen_light/set: {"state": "ON"}', "zigbee2mqtt/hall/set: OFF"]

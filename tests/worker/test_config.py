@@ -352,3 +352,59 @@ def test_changed_settings_round_trip_through_toml(tmp_path, monkeypatch):
 def test_model_weights_is_a_bundled_name_or_a_path(monkeypatch, value, expected):
     monkeypatch.setenv("EMOTION_MODEL__WEIGHTS", value)
     assert load_settings().model.weights == expected
+
+
+# --- the password from a file or a systemd credential --------------------------------------------
+
+
+def test_password_file_is_read_without_its_line_break(tmp_path, monkeypatch):
+    secret = write(tmp_path, SECRET + "\n", "mqtt_password")
+    monkeypatch.setenv("EMOTION_MQTT__PASSWORD_FILE", str(secret))
+    settings = load_settings()
+    assert settings.mqtt.secret() == SECRET
+    assert SECRET not in to_toml(masked(settings))
+    assert f'password_file = "{secret}"' in to_toml(masked(settings))
+
+
+def test_systemd_credential_is_the_password_when_nothing_else_is_set(tmp_path, monkeypatch):
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert load_settings().mqtt.secret() is None  # no credential of that name
+    (creds / "mqtt_password").write_text(SECRET + "\r\n")
+    assert load_settings().mqtt.secret() == SECRET
+    monkeypatch.setenv("EMOTION_MQTT__PASSWORD", "from-the-environment")
+    assert load_settings().mqtt.secret() == "from-the-environment"
+    (creds / "mqtt_password").write_text("")  # an anonymous broker
+    monkeypatch.delenv("EMOTION_MQTT__PASSWORD")
+    assert load_settings().mqtt.secret() is None
+
+
+def test_missing_password_file_names_the_key_and_the_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMOTION_MQTT__PASSWORD_FILE", str(tmp_path / "nope"))
+    message = config_error()
+    assert "mqtt.password_file" in message and str(tmp_path / "nope") in message and "does not exist" in message
+
+
+def test_password_and_password_file_together_are_refused(tmp_path, monkeypatch):
+    secret = write(tmp_path, SECRET, "mqtt_password")
+    monkeypatch.setenv("EMOTION_MQTT__PASSWORD_FILE", str(secret))
+    monkeypatch.setenv("EMOTION_MQTT__PASSWORD", SECRET)
+    message = config_error()
+    assert "password or password_file, not both" in message and SECRET not in message
+
+
+def test_unreadable_password_file_at_start_names_the_key(tmp_path, monkeypatch):
+    secret = write(tmp_path, SECRET, "mqtt_password")
+    monkeypatch.setenv("EMOTION_MQTT__PASSWORD_FILE", str(secret))
+    settings = load_settings()
+    secret.unlink()
+    with pytest.raises(ValueError, match=r"mqtt\.password_file: cannot read"):
+        settings.mqtt.secret()
+
+
+def test_health_and_metrics_defaults(tmp_path):
+    settings = load_settings()
+    assert settings.health.max_age_s == 30 and settings.health.heartbeat_file is None
+    assert settings.metrics.port == 0  # off unless asked for
+    assert "metrics.port" in config_error(metrics={"port": 70000})

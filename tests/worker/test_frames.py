@@ -254,9 +254,29 @@ def test_not_an_image(payload):
     assert "not a JPEG, a PNG or a JSON object" in message
 
 
-def test_not_an_image_inside_an_envelope():
+def test_not_an_image_inside_an_envelope_says_what_the_image_held():
     payload = envelope(image=base64.b64encode(b"plain text, not a picture").decode())
-    assert "not a JPEG" in refused(payload, "not_an_image")
+    message = refused(payload, "not_an_image")
+    # The payload was a JSON object: the message is about its 'image'.
+    assert "JSON object" not in message
+    assert message == "JSON 'image' is base64 of text (25 bytes: 'plain text, not a picture'), not of a JPEG or a PNG"
+    binary = refused(envelope(image=base64.b64encode(b"\x00\x01\x02\x03binary").decode()), "not_an_image")
+    assert "10 bytes starting 00 01 02 03" in binary
+
+
+def test_reply_to_in_the_envelope_is_kept_even_when_the_frame_is_refused(jpeg):
+    frame = decode_payload(
+        envelope(image=base64.b64encode(jpeg).decode(), reply_to="me/replies/f1"), "cam1", "t", 10**7, 10**8
+    )
+    assert frame.reply == ("me/replies/f1", None) and "reply_to" not in frame.meta
+    with pytest.raises(FrameError) as err:
+        decode_payload(
+            envelope(image=base64.b64encode(b"text").decode(), reply_to="me/replies/f2"), "cam1", "t", 10**7, 10**8
+        )
+    assert err.value.reply == ("me/replies/f2", None)
+    with pytest.raises(FrameError) as err:
+        decode_payload(envelope(image=base64.b64encode(jpeg).decode(), reply_to="me/+/x"), "cam1", "t", 10**7, 10**8)
+    assert err.value.reason == "bad_field" and "reply_to" in str(err.value)
 
 
 def test_truncated_jpeg(jpeg):
@@ -280,21 +300,38 @@ def test_png_cut_inside_its_header(png):
     assert "IHDR" in refused(png[:20], "truncated_image")
 
 
-def test_corrupt_jpeg_body_decodes_to_the_header_size_or_is_refused(jpeg):
-    """Garbage after a valid header: libjpeg recovers (with a warning) and returns a picture of the
-    declared size; the module guarantees that it returns exactly that, or refuses it as corrupt_image."""
+def corrupt_body(jpeg: bytes, seed: int = 2) -> bytes:
+    """``jpeg`` with random bytes instead of its entropy-coded data: the headers are intact."""
     sos = jpeg.find(b"\xff\xda")
     sos_len = struct.unpack(">H", jpeg[sos + 2 : sos + 4])[0]
-    garbage = np.random.default_rng(2).integers(0, 255, 3000, dtype=np.uint8).tobytes()
-    data = jpeg[: sos + 2 + sos_len] + garbage + b"\xff\xd9"
-    try:
-        image = decode(data).image
-    except FrameError as exc:
-        assert exc.reason == "corrupt_image"
-    else:
-        assert image.shape == (60, 80, 3) and image.dtype == np.uint8
-        # What OpenCV does today: it decodes the garbage, so the picture is not the original.
-        assert np.abs(image.astype(int) - sample_image().astype(int)).mean() > 10
+    garbage = np.random.default_rng(seed).integers(0, 255, 3000, dtype=np.uint8).tobytes()
+    return jpeg[: sos + 2 + sos_len] + garbage + b"\xff\xd9"
+
+
+def test_corrupt_jpeg_body_decodes_to_the_header_size_with_the_decoders_warning(jpeg, capfd):
+    """Garbage after a valid header: libjpeg recovers and returns a picture of the declared size.
+    Its complaint comes with the frame, not on stderr, where it would break a JSON-lines log."""
+    frame = decode(corrupt_body(jpeg))
+    assert frame.image.shape == (60, 80, 3) and frame.image.dtype == np.uint8
+    assert np.abs(frame.image.astype(int) - sample_image().astype(int)).mean() > 10  # garbage decodes to garbage
+    assert len(frame.warnings) == 1 and frame.warnings[0].startswith("Corrupt JPEG data"), frame.warnings
+    assert capfd.readouterr().err == ""
+
+
+def test_a_clean_jpeg_has_no_warnings(jpeg):
+    assert decode(jpeg).warnings == []
+
+
+def test_png_decoding_says_nothing_on_stderr(png, capfd):
+    broken = png[:40] + bytes(len(png) - 52) + png[-12:]  # header and IEND intact, the data zeroed
+    refused(broken, "corrupt_image")
+    assert capfd.readouterr().err == ""
+
+
+def test_16_bit_png_keeps_the_high_byte():
+    grey = (np.arange(48, dtype=np.uint16).reshape(6, 8) * 1365).astype(np.uint16)
+    image = decode(encode(".png", grey)).image
+    assert image.shape == (6, 8, 3) and (image == (grey >> 8).astype(np.uint8)[:, :, None]).all()
 
 
 def test_jpeg_with_garbage_instead_of_its_tables_is_corrupt(jpeg):
@@ -397,6 +434,20 @@ def test_image_at_the_pixel_limit_is_accepted(png):
 @pytest.mark.parametrize("payload", [b'{"image": ', b"{not json}", b'{"image": "x",}', b"{\xff\xfe}"])
 def test_bad_json(payload):
     assert "not valid JSON" in refused(payload, "bad_json")
+
+
+@pytest.mark.parametrize("depth", [frames.MAX_JSON_DEPTH, 5_000, 1_000_000])
+def test_json_nested_too_deep_is_bad_json(png, depth):
+    image = base64.b64encode(png).decode()
+    payload = b'{"image": "' + image.encode() + b'", "x": ' + b"[" * depth + b"]" * depth + b"}"
+    message = refused(payload, "bad_json", max_payload_bytes=10_000_000)
+    assert f"more than {frames.MAX_JSON_DEPTH} levels" in message
+
+
+def test_json_nested_to_the_limit_is_accepted(png):
+    depth = frames.MAX_JSON_DEPTH - 1  # the envelope itself is the first level
+    nested = json.loads("[" * depth + "]" * depth)
+    assert decode(envelope(image=base64.b64encode(png).decode(), x=nested)).meta == {"x": nested}
 
 
 @pytest.mark.parametrize("payload", [b"[]", b'[{"image": "AAAA"}]', b"  [1, 2]"])

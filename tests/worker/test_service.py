@@ -274,7 +274,9 @@ def test_worker_reconnects_after_the_broker_restarts(worker, listen, mosquitto, 
     assert stop(proc) == 0
 
 
-def test_two_workers_split_frames_through_a_shared_subscription(worker, listen, mosquitto, face_frames):
+def test_two_workers_split_frames_through_a_shared_subscription_and_one_survives_kill_9(
+    worker, listen, mosquitto, face_frames
+):
     env = {"EMOTION_TOPICS__FRAMES": '["$share/emotion/emotion/frames/+"]'}
     status = listen([STATUS])
     (a, log_a), (b, log_b) = (
@@ -300,8 +302,31 @@ def test_two_workers_split_frames_through_a_shared_subscription(worker, listen, 
     assert ids == sorted(f"s-{i}" for i in range(n)), "each frame exactly once"
     per_worker = [log.read_text().count('"event": "event"') for log in (log_a, log_b)]
     assert sum(per_worker) == n and min(per_worker) > 0, per_worker
+
+    # kill -9 of one: the other takes every frame from then on, and each status topic tells the truth.
+    a.kill()
+    a.wait()
+    status.wait_for(lambda m: m.topic == "emotion/status/worker-a" and m.payload == b"offline", 20, "a's last will")
+    more = 10
+    for i in range(n, n + more):
+        camera.publish("emotion/frames/kitchen", envelope(face_frames[i % len(face_frames)][0], f"s-{i}"), qos=1)
+        time.sleep(0.05)
+    deadline = time.monotonic() + 60
+    while len(events.on(EVENTS)) < n + more and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    ids = sorted(payload(m)["frame_id"] for m in events.on(EVENTS))
+    assert ids == sorted(f"s-{i}" for i in range(n + more)), "each frame exactly once, after the kill too"
+    assert log_b.read_text().count('"event": "event"') == per_worker[1] + more
+    retained = listen([STATUS])
+    retained.wait_for(lambda m: len(retained.messages) == 2, 10, "both retained status topics")
+    assert {m.topic: m.payload for m in retained.messages} == {
+        "emotion/status/worker-a": b"offline",
+        "emotion/status/worker-b": b"online",
+    }
+    assert '"session_expiry_s": 0' in log_b.read_text()  # a $share/ group member keeps no session
     camera.loop_stop()
-    assert stop(a) == 0 and stop(b) == 0
+    assert stop(b) == 0
 
 
 def test_missing_or_wrong_checkpoint_stops_start_with_a_clear_error(worker_env, tmp_path):
@@ -338,7 +363,7 @@ def test_embedded_broker_serves_mqtt_311_clients(worker_env, tmp_path, face_fram
     from tests.conftest import Listener
 
     port = free_port()
-    env = {**worker_env, "EMOTION_BROKER__PORT": str(port)}
+    env = {**worker_env, "EMOTION_BROKER__PORT": str(port), "EMOTION_BROKER__KIND": "amqtt"}
     proc = start_worker(env, tmp_path / "embedded.log", "--embedded-broker")
     try:
         wait_port(port, STARTUP_S)
@@ -351,7 +376,7 @@ def test_embedded_broker_serves_mqtt_311_clients(worker_env, tmp_path, face_fram
         event = payload(listener.wait_for(lambda m: m.topic == EVENTS, 30, "event via the embedded broker"))
         assert event["device_id"] == "lounge"
         text = (tmp_path / "embedded.log").read_text()
-        assert "amqtt, MQTT 3.1.1" in text
+        assert f"(in-process) on 127.0.0.1:{port}, MQTT 3.1.1" in text and "amqtt 0.12" in text
         camera.loop_stop()
         listener.close()
         assert stop(proc) == 0
