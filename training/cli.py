@@ -87,12 +87,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _fit(args) -> int:
+def _need_train_extra() -> None:
     import importlib.util
 
     missing = [m for m in ("tqdm", "matplotlib") if importlib.util.find_spec(m) is None]
     if missing:
         raise ValueError(f"needs {' and '.join(missing)}, which the base install leaves out: {TRAIN_EXTRA}")
+
+
+def _fit(args) -> int:
+    _need_train_extra()
     from training.fit import fit
 
     hp = Hyper(**{f.name: getattr(args, f.name) for f in fields(Hyper) if getattr(args, f.name, None) is not None})
@@ -159,6 +163,7 @@ def _export(args) -> int:
 
 
 def _average(args) -> int:
+    _need_train_extra()
     from training.average import average
 
     average(args.weights, args.data, args.out, device=args.device)
