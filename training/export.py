@@ -184,8 +184,11 @@ def set_onnx_metadata(path: Path, meta: dict[str, str]) -> None:
 
 def write_onnx(model: torch.nn.Module, info: ModelInfo, path: Path) -> None:
     import io
+    import logging
     from contextlib import redirect_stdout
 
+    # Without torchvision, which the project does not need, the exporter warns that it skips torchvision's ops.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     x = torch.zeros(2, 1, info.input_size, info.input_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with redirect_stdout(io.StringIO()):  # the exporter reports each of its passes on stdout
