@@ -341,7 +341,10 @@ def averaging(decay: float | None):
         n = int(n)
         weight = 1 / (n + 1) if decay is None else 1 - min(decay, (1 + n) / (10 + n))
         for a, c in zip(averaged, current):
-            a.lerp_(c, weight) if a.is_floating_point() else a.copy_(c)
+            if a.is_floating_point():
+                a.lerp_(c, weight)
+            else:
+                a.copy_(c)
 
     return update
 
