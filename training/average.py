@@ -1,11 +1,7 @@
 """``emotion-train average``: one model whose weights are the mean of several checkpoints' weights.
 
-The checkpoints of several runs of one network from one starting point (``fit
---init``) make a uniform "model soup" (Wortsman et al., "Model soups", ICML
-2022), at the cost of a single model at test time. The mean of unrelated
-networks is not a network. As at the end of ``fit``, the BatchNorm statistics
-of the mean are recomputed on clean train/ faces and the result is scored on
-val/ in every TTA mode.
+Runs of one network from one starting point (``fit --init``) make a uniform "model soup" (Wortsman et al.,
+ICML 2022) at the cost of one model at test time; the mean of unrelated networks is not a network.
 """
 
 from __future__ import annotations
@@ -23,15 +19,12 @@ from worker.model import CheckpointError, load_checkpoint, read_info
 
 
 def average(weights: list[Path], data: Path, out: Path, device: str = "auto") -> dict:
-    """Average the checkpoints ``weights``, recalibrate BatchNorm on ``data``'s train/, write a run into ``out``.
+    """Average the checkpoints (or fit run folders) ``weights``; then, as ``fit`` does, recalibrate BatchNorm on
+    ``data``'s train/, score on its val/ and write a run into ``out``. The metadata is that of the checkpoint with
+    the most epochs behind it, plus ``averaged``, the inputs. Returns the metrics written.
 
-    Each of ``weights`` is a checkpoint file or a fit run's folder. ``out`` gets
-    ``best.safetensors``, ``metrics.json`` and ``confusion.png``. The metadata
-    (recipe, lineage) is that of the checkpoint with the most epochs of training
-    behind it; ``averaged`` lists every input. Returns the metrics written.
-    Raises :class:`CheckpointError` naming the file when fewer than two
-    checkpoints are given, one is missing or unreadable, two describe different
-    networks, or ``out`` is the folder of one of them.
+    Raises :class:`CheckpointError` for fewer than two checkpoints, a missing one, two of different networks,
+    or ``out`` the folder of one of them.
     """
     out = Path(out)
     paths = [run_checkpoint(Path(w)) for w in weights]
@@ -42,13 +35,15 @@ def average(weights: list[Path], data: Path, out: Path, device: str = "auto") ->
     if any(out.resolve() == p.parent.resolve() for p in paths):
         raise CheckpointError(f"{out}: write the average to another folder than those of its checkpoints")
     infos = [read_info(p) for p in paths]
+
+    def network(i) -> str:
+        return f"width {i.width}, classes {list(i.classes)}, input {i.input_size} px, normalisation {i.mean}/{i.std}"
+
     for info, path in zip(infos[1:], paths[1:]):
-        a, b = (
-            f"width {i.width}, classes {list(i.classes)}, input {i.input_size} px, normalisation {i.mean}/{i.std}"
-            for i in (info, infos[0])
-        )
-        if a != b:
-            raise CheckpointError(f"{path}: cannot be averaged with {paths[0]}: it has {a}; {paths[0]} has {b}")
+        if network(info) != network(infos[0]):
+            raise CheckpointError(
+                f"{path}: cannot be averaged with {paths[0]}: it has {network(info)}; {paths[0]} has {network(infos[0])}"
+            )
     dev = pick_device(device)
     mean = None
     for path in paths:

@@ -11,7 +11,6 @@ from pathlib import Path
 from training.fit import Hyper
 from worker.classify import TTA_MODES
 
-TRAIN_EXTRA = "pip install 'emotion-worker[train]'"
 DATA_HELP = "folder with train/ and val/, fer2013.csv, or a .npz from `emotion-train pack`"
 
 
@@ -33,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     for f in fields(Hyper):
         if kind := {"int": int, "float": float, "int | None": int}.get(f.type):
             default = "a quarter of --epochs" if f.default is None else f.default
-            text = f"{f.metadata['help']} ({default})"
-            recipe.add_argument("--" + f.name.replace("_", "-"), type=kind, metavar=kind.__name__.upper(), help=text)
+            flag, metavar = "--" + f.name.replace("_", "-"), kind.__name__.upper()
+            recipe.add_argument(flag, type=kind, metavar=metavar, help=f"{f.metadata['help']} ({default})")
 
     p = sub.add_parser("evaluate", help="score a model on a labelled folder or CSV")
     p.add_argument("--weights", default="resnet9", help="a bundled model's name, a checkpoint or an ONNX model")
@@ -43,26 +42,17 @@ def main(argv: list[str] | None = None) -> int:
     tta = {"nargs": "?", "const": "tencrop", "default": "none", "choices": TTA_MODES}
     p.add_argument("--tta", **tta, help="test-time augmentation (--tta alone: tencrop)")
     p.add_argument("--device", **device)
-    p.add_argument(
-        "--backend",
-        choices=["auto", "torch", "onnxruntime"],
-        default="auto",
-        help="as the worker's model.backend: auto is torch on CUDA and on a CPU with bf16, else int8 onnxruntime",
-    )
-    p.add_argument(
-        "--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="as the worker's model.precision"
-    )
+    backend_help = "as the worker's model.backend: auto is torch on CUDA and on a CPU with bf16, else int8 onnxruntime"
+    p.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default="auto", help=backend_help)
+    precisions = ["auto", "fp32", "bf16", "fp16"]
+    p.add_argument("--precision", choices=precisions, default="auto", help="as the worker's model.precision")
     p.add_argument("--batch-size", type=int, default=128, help="faces per forward pass (%(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("export", help="write a checkpoint as the bundled fp16 model, or as an ONNX model")
     p.add_argument("--run", required=True, help="a run's --out folder, a checkpoint, or (--onnx) a bundled name")
-    p.add_argument(
-        "--to",
-        type=Path,
-        help="destination (default: worker/weights/resnet9.safetensors; with --onnx, "
-        "<checkpoint>.onnx or <checkpoint>.int8.onnx beside the checkpoint)",
-    )
+    to_help = "default: worker/weights/resnet9.safetensors; with --onnx, <checkpoint>[.int8].onnx beside it"
+    p.add_argument("--to", type=Path, help=to_help)
     p.add_argument("--onnx", action="store_true", help="write an ONNX model for the onnxruntime backend")
     p.add_argument("--int8", action="store_true", help="with --onnx: quantize to int8, calibrated on train/ faces")
     p.add_argument("--data", type=Path, help="with --onnx: folder with train/ (int8 calibration) and val/ (scores)")
@@ -90,9 +80,10 @@ def main(argv: list[str] | None = None) -> int:
 def _need_train_extra() -> None:
     import importlib.util
 
-    missing = [m for m in ("tqdm", "matplotlib") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ValueError(f"needs {' and '.join(missing)}, which the base install leaves out: {TRAIN_EXTRA}")
+    if missing := [m for m in ("tqdm", "matplotlib") if importlib.util.find_spec(m) is None]:
+        raise ValueError(
+            f"needs {' and '.join(missing)}, which the base install leaves out: pip install 'emotion-worker[train]'"
+        )
 
 
 def _fit(args) -> int:
@@ -105,6 +96,8 @@ def _fit(args) -> int:
 
 
 def _evaluate(args) -> int:
+    import torch
+
     from training.data import load_split
     from training.evaluate import evaluate_model
     from worker.classify import load_model, plan, precision_name
@@ -112,18 +105,22 @@ def _evaluate(args) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be 1 or more, got {args.batch_size}")
-    settings = {"weights": args.weights, "device": args.device, "backend": args.backend, "precision": args.precision}
-    chosen = plan(ModelSettings(**settings, tta="none"))
+    chosen = plan(
+        ModelSettings(
+            weights=args.weights, device=args.device, backend=args.backend, precision=args.precision, tta="none"
+        )
+    )
     model, info = load_model(chosen)
     split = load_split(args.data, args.split, info.classes)
     result = evaluate_model(model, info, split, args.tta, amp=chosen.amp, batch_size=args.batch_size)
-    result.update(
-        weights=str(chosen.weights),
-        device=str(chosen.device) if chosen.device.type != "cuda" else _cuda_name(chosen.device),
-        backend=chosen.backend,
-        precision=precision_name(model, chosen.amp),
-        tta=args.tta,
-    )
+    cuda = chosen.device.type == "cuda"
+    result |= {
+        "weights": str(chosen.weights),
+        "device": torch.cuda.get_device_name(chosen.device) if cuda else str(chosen.device),
+        "backend": chosen.backend,
+        "precision": precision_name(model, chosen.amp),
+        "tta": args.tta,
+    }
     if args.json:
         print(json.dumps(result))
         return 0
@@ -176,12 +173,6 @@ def _pack(args) -> int:
     path = pack(args.data, args.out)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
-
-
-def _cuda_name(device) -> str:
-    import torch
-
-    return torch.cuda.get_device_name(device)
 
 
 if __name__ == "__main__":

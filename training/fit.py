@@ -1,12 +1,4 @@
-"""``emotion-train fit``: train the ResNet9 on FER2013 with the recipe below.
-
-The train/ faces sit on the device as uint8 and are augmented there a batch at a
-time. SGD follows a one-cycle schedule; every step updates an exponential moving
-average (EMA) of the weights, and the kept model is the mean of that EMA at the
-end of each of the last epochs (stochastic weight averaging), both by
-``torch.optim.swa_utils``. Its BatchNorm statistics are then recomputed on clean
-train/ faces. Every epoch writes a resumable training state (safetensors).
-"""
+"""``emotion-train fit``: train the ResNet9 on FER2013 with the recipe below (docs/training.md says what it does)."""
 
 from __future__ import annotations
 
@@ -92,9 +84,7 @@ class Hyper:
 
 
 RECIPE = "best"  # the recipe's name in checkpoints and model versions
-STATE_FILE = "train_state.safetensors"
-BEST_FILE = "best.safetensors"
-METRICS_FILE = "metrics.json"
+STATE_FILE, BEST_FILE, METRICS_FILE = "train_state.safetensors", "best.safetensors", "metrics.json"
 TEACHER_DIR = "teacher-targets"  # beside the run folders, shared by the runs with one teacher and data
 TEACHER_TTA = "flip"  # the teacher's soft targets: its prediction with the worker's test-time augmentation
 
@@ -102,11 +92,10 @@ TEACHER_TTA = "flip"  # the teacher's soft targets: its prediction with the work
 def fit(data, out, hp: Hyper = Hyper(), device="auto", resume=False, limit=None, seed=0, init=None, teacher=None):
     """Train on ``data`` (see ``load_split``); write the model, ``metrics.json`` and plots into the folder ``out``.
 
-    ``limit`` trains on a stratified subset of that many train/ faces (and a
-    quarter as many val/ faces). ``init`` (a checkpoint of width ``hp.width``,
-    or a bundled model's name) starts from its weights instead of from scratch.
-    ``teacher`` (the same, any width) is distilled into the model: its soft
-    targets on the clean train/ faces join the labels in the loss. Returns the metrics.
+    ``limit``: train on a stratified subset of that many train/ faces (and a quarter as many val/ faces).
+    ``init``: start from that checkpoint (same width) or bundled model. ``teacher``: a checkpoint or bundled
+    model of any width, whose soft targets on the clean train/ faces join the labels in the loss.
+    Returns the metrics.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,7 +177,6 @@ def fit(data, out, hp: Hyper = Hyper(), device="auto", resume=False, limit=None,
             flush=True,
         )
 
-    kept = swa.module if swa.n_averaged > 1 else ema.module
     extra = {
         "recipe": RECIPE,
         "hyperparameters": json.dumps(asdict(hp)),
@@ -201,9 +189,10 @@ def fit(data, out, hp: Hyper = Hyper(), device="auto", resume=False, limit=None,
         **({"teacher": teacher_version} if teacher_version else {}),
         **({"init": str(init), **lineage(init_info)} if init_info else {}),
     }
-    if swa.n_averaged > 1:
-        extra["averaged"] = json.dumps([{"epoch": e + 1} for e in range(swa_from, hp.epochs)])
-    metrics = finish(kept, info, extra, train, val, out, dev, amp, seed)
+    averaged = [{"epoch": e + 1} for e in range(swa_from, hp.epochs)] if swa.n_averaged > 1 else []
+    if averaged:
+        extra["averaged"] = json.dumps(averaged)
+    metrics = finish(swa.module if averaged else ema.module, info, extra, train, val, out, dev, amp, seed)
     metrics |= {
         "recipe": RECIPE,
         "hyperparameters": asdict(hp),
@@ -218,7 +207,7 @@ def fit(data, out, hp: Hyper = Hyper(), device="auto", resume=False, limit=None,
         "data": str(data),
         "init": extra.get("init"),
         "teacher": teacher_version,
-        "averaged": json.loads(extra.get("averaged", "[]")),
+        "averaged": averaged,
         "history": history,
     }
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
@@ -229,32 +218,28 @@ def fit(data, out, hp: Hyper = Hyper(), device="auto", resume=False, limit=None,
 
 
 def finish(model: ResNet9, info: ModelInfo, extra: dict, train: Split, val: Split, out: Path, dev, amp, seed=0) -> dict:
-    """The last steps of ``fit`` and ``average``: recalibrate BatchNorm, score on val/, write the model
-    (with ``extra``, its metadata, and its scores) and ``confusion.png``. Returns metrics for ``metrics.json``."""
-    from training.evaluate import evaluate_tta_modes, summary
+    """The last steps of ``fit`` and ``average``: recalibrate BatchNorm, score on val/ in every TTA mode, write the
+    model (metadata ``extra`` plus its scores) and ``confusion.png``. Returns metrics for ``metrics.json``."""
+    from training.evaluate import evaluate_model
     from training.plots import plot_confusion
 
     recalibrate(model, train.images, info, torch.Generator().manual_seed(seed), amp)
     extra["recalibrated"] = f"BatchNorm statistics from {len(train)} clean train/ faces, mirrored at random"
-    results = evaluate_tta_modes(model, info, val, amp)
-    extra |= {val_acc_key(tta): f"{results[tta]['accuracy']:.4f}" for tta in TTA_MODES}
+    results = {tta: evaluate_model(model, info, val, tta, amp=amp) for tta in TTA_MODES}
+    extra |= {val_acc_key(tta): f"{r['accuracy']:.4f}" for tta, r in results.items()}
     extra |= {"val_n": str(len(val)), "val_per_class": json.dumps(results["none"]["per_class"])}
     now = datetime.now(UTC)
     extra["date"] = now.isoformat(timespec="seconds")
     kept = replace(info, version=version(extra, info.width, now), extra=extra)
     save_checkpoint(model, kept, out / BEST_FILE)
     plot_confusion(results["none"]["confusion"], list(info.classes), out / "confusion.png")
-    print(
-        f"{kept.version}: val accuracy {results['none']['accuracy']:.4f}, flip {results['flip']['accuracy']:.4f}, "
-        f"ten-crop {results['tencrop']['accuracy']:.4f}, rotate {results['rotate']['accuracy']:.4f}; "
-        f"wrote {out / BEST_FILE}",
-        flush=True,
-    )
+    scores = ", ".join(f"{tta} {r['accuracy']:.4f}" for tta, r in results.items())
+    print(f"{kept.version}: val accuracy {scores}; wrote {out / BEST_FILE}", flush=True)
     return {
         "version": kept.version,
         "width": info.width,
         "recalibrated": extra["recalibrated"],
-        "val": summary(results),
+        "val": {tta: {k: r[k] for k in ("accuracy", "per_class", "n")} for tta, r in results.items()},
         "val_confusion": results["none"]["confusion"],
         "classes": list(info.classes),
         **{k: extra[k] for k in ("init_version", "init_epochs", "init_train_minutes") if k in extra},
@@ -262,11 +247,7 @@ def finish(model: ResNet9, info: ModelInfo, extra: dict, train: Split, val: Spli
 
 
 def augment(images: torch.Tensor, hp: Hyper, gen: torch.Generator) -> torch.Tensor:
-    """Augment uint8 faces (B, 1, H, W) on their device with parameters drawn per face; float32 in [0, 1].
-
-    One affine grid per face (mirror, rotation, zoom, shift), jitter and an erased rectangle:
-    a few tensor operations on the whole batch, no data-loader processes.
-    """
+    """Augment uint8 faces (B, 1, H, W) on their device, parameters drawn per face; float32 in [0, 1] out."""
     x = images.float().div_(255)
     b, _, h, w = x.shape
     dev = x.device
@@ -274,6 +255,7 @@ def augment(images: torch.Tensor, hp: Hyper, gen: torch.Generator) -> torch.Tens
     def uniform(lo: float, hi: float) -> torch.Tensor:
         return torch.rand(b, device=dev, generator=gen) * (hi - lo) + lo
 
+    # One affine grid per face: mirror, rotation, zoom, shift.
     angle = uniform(-hp.rotate_deg, hp.rotate_deg) * (math.pi / 180)
     inv_scale = 1 / uniform(1 - hp.scale, 1 + hp.scale)
     flip = torch.where(torch.rand(b, device=dev, generator=gen) < 0.5, -1.0, 1.0)
@@ -329,12 +311,8 @@ def make_optimizer(hp: Hyper, model: ResNet9) -> torch.optim.Optimizer:
 
 
 def averaging(decay: float | None):
-    """``multi_avg_fn`` of an ``AveragedModel``: an EMA of ``decay``, or with ``None`` the plain mean.
-
-    The EMA's decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n``
-    updates, so the first steps' weights do not linger. BatchNorm's running
-    statistics are averaged like the weights; its integer batch counters are copied.
-    """
+    """``multi_avg_fn`` of an ``AveragedModel``: an EMA of ``decay`` (warmed up as ``min(decay, (1 + n) / (10 + n))``
+    after ``n`` updates), or with ``None`` the plain mean. Integer buffers (batch counters) are copied."""
 
     @torch.no_grad()
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
@@ -351,15 +329,8 @@ def averaging(decay: float | None):
 
 @torch.no_grad()
 def recalibrate(model: ResNet9, faces: torch.Tensor, info: ModelInfo, gen: torch.Generator, amp=None) -> None:
-    """Recompute the BatchNorm statistics of ``model`` on uint8 ``faces`` (N, 48, 48) as the worker sees them.
-
-    Those of a trained, averaged model were gathered on augmented faces with
-    dropout on; at test time faces are clean and dropout is off, so activations
-    have other means and variances (Li et al., "Understanding the Disharmony
-    between Dropout and Batch Normalization by Variance Shift", CVPR 2019).
-    ``update_bn`` averages the statistics of batches of 256 clean faces, each
-    mirrored at random (``gen``), with dropout off. The model is left in eval mode.
-    """
+    """Recompute the BatchNorm statistics of ``model`` on uint8 ``faces`` (N, 48, 48), mirrored at random, with
+    dropout off: those gathered in training saw augmented faces and dropout, unlike the worker's. Leaves it in eval."""
     dev = next(model.parameters()).device
 
     def batches():
@@ -371,7 +342,7 @@ def recalibrate(model: ResNet9, faces: torch.Tensor, info: ModelInfo, gen: torch
     dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
     rates = [m.p for m in dropouts]
     for m in dropouts:
-        m.p = 0.0  # update_bn trains the model, dropout included
+        m.p = 0.0  # update_bn puts the model in training mode, dropout included
     try:
         with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
             update_bn(batches(), model.eval())
@@ -381,11 +352,8 @@ def recalibrate(model: ResNet9, faces: torch.Tensor, info: ModelInfo, gen: torch
 
 
 def quiet_init(model: ResNet9) -> None:
-    """Zero the last BatchNorm scale of each residual branch and the classifier.
-
-    Each residual block then starts as the identity and the first logits are all zero
-    (loss ln 7); by default they are large (loss near 5) and SGD at the peak rate diverges.
-    """
+    """Zero the last BatchNorm scale of each residual branch and the classifier, so each block starts as the
+    identity and the first loss is ln 7; by default it is near 5 and SGD at the peak rate diverges."""
     for block in (model.res1, model.res2, model.res3):
         nn.init.zeros_(block[-1][1].weight)
     nn.init.zeros_(model.classifier[-1].weight)
@@ -405,10 +373,9 @@ def start_from(model: ResNet9, path: str | Path) -> ModelInfo:
 
 
 def lineage(init: ModelInfo) -> dict[str, str]:
-    """What a run started from, as metadata: its version and the epochs and minutes of all the training behind it
-    (minutes left out when a checkpoint of the chain lacks them), so a chain of runs adds up."""
-    extra = init.extra
-    out = {"init_version": init.version}
+    """What a run started from: its version, and the epochs and minutes of all the training behind it (minutes
+    left out when a checkpoint of the chain lacks them)."""
+    extra, out = init.extra, {"init_version": init.version}
     if (epochs := epochs_behind(extra)) is not None:
         out["init_epochs"] = str(epochs)
     if "train_minutes" in extra and ("init_version" not in extra or "init_train_minutes" in extra):
@@ -418,13 +385,13 @@ def lineage(init: ModelInfo) -> dict[str, str]:
 
 def epochs_behind(extra: dict[str, str]) -> int | None:
     """Epochs of training behind a checkpoint's weights (metadata ``extra``), its starting points' included."""
-    own = extra.get("best_epoch") or extra.get("epoch") or extra.get("epochs")
+    own = extra.get("best_epoch") or extra.get("epoch") or extra.get("epochs")  # older checkpoints: (best_)epoch
     return int(own) + int(extra.get("init_epochs") or 0) if own else None
 
 
 def version(extra: dict[str, str], width: float, when: datetime) -> str:
-    """``YYYY.MM.DD-<recipe>-w<width>-e<epochs>[-avg<n>][-bn]`` from a checkpoint's metadata: the epochs of all
-    the training behind the weights, the mean of ``n`` sets of weights, recomputed BatchNorm statistics."""
+    """``YYYY.MM.DD-<recipe>-w<width>-e<epochs>[-avg<n>][-bn]``: the epochs behind the weights, the mean of ``n``
+    sets of weights, recomputed BatchNorm statistics."""
     out = f"{when:%Y.%m.%d}-{extra.get('recipe', 'unknown')}-w{width:g}"
     if epochs := epochs_behind(extra):
         out += f"-e{epochs}"
@@ -436,9 +403,8 @@ def version(extra: dict[str, str], width: float, when: datetime) -> str:
 def teacher_targets(teacher: str | Path, train: Split, dev: torch.device, amp, cache: Path) -> tuple[torch.Tensor, str]:
     """The teacher's log-probabilities (N, classes) with flip TTA on the clean ``train`` faces, and its version.
 
-    Its inference over train/ takes about 10 minutes for the full model on a
-    2-core CPU, so the targets are kept in ``cache``, keyed by the teacher's
-    file, the faces and the precision, for every later run with the same ones.
+    The full model takes about 10 minutes over train/ on 2 CPU cores, so the targets are kept in ``cache``,
+    keyed by the teacher's file, the faces and the precision.
     """
     path = resolve_weights(teacher)
     info = read_info(path)
@@ -455,9 +421,8 @@ def teacher_targets(teacher: str | Path, train: Split, dev: torch.device, amp, c
     chunks = progress(range(0, len(train), 512), f"teacher {info.version}")
     probs = torch.cat([predict(model, info, train.images[i : i + 512], TEACHER_TTA, amp=amp) for i in chunks])
     cache.mkdir(parents=True, exist_ok=True)
-    meta = {"teacher": str(path), "version": info.version, "images": str(len(train)), "tta": TEACHER_TTA}
     log_probs = probs.clamp_min(1e-12).log()
-    save_file({"log_probs": log_probs}, str(file), metadata=meta)
+    save_file({"log_probs": log_probs}, str(file), metadata={"teacher": str(path), "version": info.version})
     log(f"teacher {info.version}: {accuracy(probs, train.labels):.4f} of the train faces right with {TEACHER_TTA} TTA")
     return log_probs, info.version
 
@@ -472,9 +437,7 @@ def distill_loss(logits: torch.Tensor, teacher_log_probs: torch.Tensor, temperat
 
 def save_state(path: Path, hp: Hyper, modules: dict, opt, gen, epoch: int, history: list, seconds: float) -> None:
     """Everything ``--resume`` needs, as safetensors (tensors) plus JSON metadata; never pickle."""
-    tensors = {
-        f"{name}.{k}": v.detach().cpu().contiguous() for name, m in modules.items() for k, v in m.state_dict().items()
-    }
+    tensors = {f"{n}.{k}": v.detach().cpu().contiguous() for n, m in modules.items() for k, v in m.state_dict().items()}
     for pid, state in opt.state_dict()["state"].items():
         tensors |= {f"opt.{pid}.{k}": torch.as_tensor(v).detach().cpu().contiguous() for k, v in state.items()}
     tensors["rng.generator"], tensors["rng.torch"] = gen.get_state().cpu(), torch.get_rng_state()
@@ -490,8 +453,7 @@ def load_state(path: Path, hp: Hyper, modules: dict, opt, gen) -> tuple[int, lis
     """Restore what :func:`save_state` wrote; returns (epochs done, history, training seconds)."""
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["state"])
-        # Compared as JSON: the stored tuples come back as lists.
-        if meta.get("hyperparameters") != json.loads(json.dumps(asdict(hp))):
+        if meta["hyperparameters"] != json.loads(json.dumps(asdict(hp))):  # as JSON: tuples come back as lists
             raise ValueError(f"{path} was written with other hyperparameters; use a new --out or drop --resume")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     for name, module in modules.items():
@@ -522,7 +484,8 @@ def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def progress(iterable, desc: str):
-    """A progress bar on a terminal (tqdm, of the train extra: imported here so evaluate and export need it not)."""
+    """A progress bar on a terminal (tqdm is in the train extra: imported here so that evaluate and export run
+    without it)."""
     from tqdm import tqdm
 
     return tqdm(iterable, desc=desc, leave=False, disable=None)
