@@ -24,7 +24,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="output folder: best.safetensors, metrics.json, plots")
     p.add_argument("--device", **device)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from the training state in --out")
     p.add_argument("--limit", type=int, help="train on a stratified subset of this many images")
     p.add_argument("--init", help="start from this checkpoint's weights (of the same --width)")
     p.add_argument("--teacher", help="distil this model (a bundled model's name or a checkpoint) into the one trained")
@@ -91,7 +90,7 @@ def _fit(args) -> int:
     from training.fit import fit
 
     hp = Hyper(**{f.name: getattr(args, f.name) for f in fields(Hyper) if getattr(args, f.name, None) is not None})
-    fit(args.data, args.out, hp, args.device, args.resume, args.limit, args.seed, args.init, args.teacher)
+    fit(args.data, args.out, hp, args.device, args.limit, args.seed, args.init, args.teacher)
     return 0
 
 

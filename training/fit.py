@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
@@ -84,12 +83,12 @@ class Hyper:
 
 
 RECIPE = "best"  # the recipe's name in checkpoints and model versions
-STATE_FILE, BEST_FILE, METRICS_FILE = "train_state.safetensors", "best.safetensors", "metrics.json"
+BEST_FILE, METRICS_FILE = "best.safetensors", "metrics.json"
 TEACHER_DIR = "teacher-targets"  # beside the run folders, shared by the runs with one teacher and data
 TEACHER_TTA = "flip"  # the teacher's soft targets: its prediction with the worker's test-time augmentation
 
 
-def fit(data, out, hp: Hyper = Hyper(), device="auto", resume=False, limit=None, seed=0, init=None, teacher=None):
+def fit(data, out, hp: Hyper = Hyper(), device="auto", limit=None, seed=0, init=None, teacher=None) -> dict:
     """Train on ``data`` (see ``load_split``); write the model, ``metrics.json`` and plots into the folder ``out``.
 
     ``limit``: train on a stratified subset of that many train/ faces (and a quarter as many val/ faces).
@@ -119,21 +118,14 @@ def fit(data, out, hp: Hyper = Hyper(), device="auto", resume=False, limit=None,
     gen = torch.Generator(device=dev).manual_seed(seed)
     steps = max(1, len(train) // hp.batch_size)
     swa_from = hp.epochs - hp.swa_epochs  # the first epoch (from 0) whose end joins the mean
-    modules = {"model": model, "ema": ema, "swa": swa}
-    start_epoch, history, train_seconds = 0, [], 0.0
-    if resume and (out / STATE_FILE).exists():
-        start_epoch, history, train_seconds = load_state(out / STATE_FILE, hp, modules, opt, gen)
-        log(f"resuming after epoch {start_epoch} from {out / STATE_FILE}")
-    elif resume:
-        log(f"no training state in {out} yet; starting from the first epoch")
-
+    history, train_seconds = [], 0.0
     info = ModelInfo(width=hp.width)
     soft = teacher_version = None
     if teacher is not None:
         soft, teacher_version = teacher_targets(teacher, train, dev, amp, out.parent / TEACHER_DIR)
         soft = soft.to(dev)
     x_train, y_train = train.images.unsqueeze(1).to(dev), train.labels.to(dev)
-    for epoch in range(start_epoch, hp.epochs):
+    for epoch in range(hp.epochs):
         model.train()
         t0 = time.perf_counter()
         perm = torch.randperm(len(train), device=dev, generator=gen)
@@ -169,7 +161,6 @@ def fit(data, out, hp: Hyper = Hyper(), device="auto", resume=False, limit=None,
             row[val_acc_key(tta)] = accuracy(predict(ema.module, info, val.images, tta, amp=amp), val.labels)
         row |= {"lr": opt.param_groups[0]["lr"], "images_per_s": seen / seconds, "seconds": seconds}
         history.append(row)
-        save_state(out / STATE_FILE, hp, modules, opt, gen, epoch + 1, history, train_seconds)
         print(
             f"epoch {epoch + 1:3d}/{hp.epochs} loss {row['loss']:.4f} train {row['train_acc']:.4f} "
             f"val {row['val_acc']:.4f} val_flip {row['val_acc_flip']:.4f} lr {row['lr']:.5f} "
@@ -433,42 +424,6 @@ def distill_loss(logits: torch.Tensor, teacher_log_probs: torch.Tensor, temperat
     student = F.log_softmax(logits / temperature, dim=1)
     target = F.log_softmax(teacher_log_probs / temperature, dim=1)
     return F.kl_div(student, target, log_target=True, reduction="batchmean") * temperature**2
-
-
-def save_state(path: Path, hp: Hyper, modules: dict, opt, gen, epoch: int, history: list, seconds: float) -> None:
-    """Everything ``--resume`` needs, as safetensors (tensors) plus JSON metadata; never pickle."""
-    tensors = {f"{n}.{k}": v.detach().cpu().contiguous() for n, m in modules.items() for k, v in m.state_dict().items()}
-    for pid, state in opt.state_dict()["state"].items():
-        tensors |= {f"opt.{pid}.{k}": torch.as_tensor(v).detach().cpu().contiguous() for k, v in state.items()}
-    tensors["rng.generator"], tensors["rng.torch"] = gen.get_state().cpu(), torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    meta = {"hyperparameters": asdict(hp), "epoch": epoch, "history": history, "train_seconds": seconds}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
-    tmp.replace(path)
-
-
-def load_state(path: Path, hp: Hyper, modules: dict, opt, gen) -> tuple[int, list, float]:
-    """Restore what :func:`save_state` wrote; returns (epochs done, history, training seconds)."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["state"])
-        if meta["hyperparameters"] != json.loads(json.dumps(asdict(hp))):  # as JSON: tuples come back as lists
-            raise ValueError(f"{path} was written with other hyperparameters; use a new --out or drop --resume")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    for name, module in modules.items():
-        module.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
-    state: dict = {}
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = value
-    opt.load_state_dict({**opt.state_dict(), "state": state})
-    gen.set_state(tensors["rng.generator"])
-    torch.set_rng_state(tensors["rng.torch"])  # dropout draws from the global generator
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return meta["epoch"], meta["history"], meta["train_seconds"]
 
 
 def pick_device(name: str) -> torch.device:
