@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # are taken. Sizes of .venv, see docs/getting-started.md: about 1.4 GB with the CPU build (estimated),
 # 5.9 GB with the CUDA build (its nvidia-*, cuda-* and triton packages are 4.1 GB).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
-TORCH := 'torch>=2.4' 'torchvision>=0.19'
+TORCH := 'torch>=2.4'
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -3,7 +3,7 @@
     python benchmarks/model.py [--width W ...] [--batch B] [--steps N] [--device D]
 
 Prints, for each width, the images per second of an inference forward pass and
-of a training step (forward, backward and the `best` recipe's optimizer step),
+of a training step (forward, backward and the recipe's optimizer step),
 in bf16 on the CPU (the worker's and the trainer's precision there), on random
 input. Each is measured twice: with the network as it is (`worker.model.ELU`)
 and with PyTorch's `nn.ELU` in its place.
@@ -22,7 +22,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training.fit import RECIPES, make_optimizer  # noqa: E402
+from training.fit import Hyper, make_optimizer  # noqa: E402
 from worker.classify import autocast_dtype  # noqa: E402
 from worker.model import ELU, ResNet9  # noqa: E402
 
@@ -52,7 +52,7 @@ def measure(width: float, torch_elu: bool, batch: int, steps: int, dev: torch.de
     amp = autocast_dtype(dev)
     x = torch.randn(batch, 1, 48, 48, device=dev).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 7, (batch,), device=dev)
-    opt = make_optimizer(RECIPES["best"], model)
+    opt = make_optimizer(Hyper(), model)
 
     def infer():
         with torch.inference_mode(), torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):

@@ -1,7 +1,6 @@
-"""FER2013 loaders: the image-folder layout and the original ``fer2013.csv``.
+"""FER2013 loaders: the image-folder layout, the original ``fer2013.csv`` and a packed ``.npz``.
 
-Labels are always mapped by class name, never by position, into the order of
-the class list the caller asks for (by default ``worker.model.CLASSES``).
+Labels are mapped by class name, never by position, into the order of the class list asked for.
 """
 
 from __future__ import annotations
@@ -55,12 +54,8 @@ class Split:
 
 
 def load_split(data: str | Path, split: str, classes: tuple[str, ...] = CLASSES) -> Split:
-    """Load ``split`` ("train", "val" or "test") from a folder tree or ``fer2013.csv``.
-
-    ``data`` is either a directory holding ``<split>/<class>/*.jpg``, a directory
-    holding ``<class>/*.jpg`` directly (then ``split`` is ignored), a directory
-    holding ``fer2013.csv``, the CSV file itself, or a ``.npz`` written by :func:`pack`.
-    """
+    """Load ``split`` ("train", "val" or "test") of ``data``: a folder of ``<split>/<class>/*.jpg``, of
+    ``<class>/*.jpg`` (``split`` ignored), a ``fer2013.csv`` or a folder holding it, or a ``.npz`` from :func:`pack`."""
     data = Path(data)
     if not data.exists():
         raise DataError(f"data path {data} does not exist")
@@ -139,15 +134,9 @@ def _load_csv(path: Path, split: str, classes: tuple[str, ...]) -> Split:
 
 
 def pack(data: str | Path, out: str | Path, splits: tuple[str, ...] = ("train", "val")) -> Path:
-    """Write ``splits`` of ``data`` into one ``.npz``: encoded images, their offsets, labels, class names.
-
-    Images from folders keep their own file bytes, less than any lossless
-    packing of the pixels; images from the CSV are stored as PNG. The bytes
-    that every image of a split begins with (the JPEG headers and tables of one
-    encoder, 328 bytes an image in FER2013) are stored once, which brings
-    FER2013 train and val from 60 MB to 49 MB: small enough to carry to a GPU
-    machine along with the code.
-    """
+    """Write ``splits`` of ``data`` into one ``.npz`` to carry to a GPU machine: encoded images, offsets, labels,
+    class names. Images keep their file's bytes (the CSV's become PNG), less the bytes every image of a split begins
+    with (one encoder's JPEG headers, 328 bytes a face), stored once: FER2013 train and val take 49 MB, not 60."""
     data, out = Path(data), Path(out)
     arrays: dict[str, np.ndarray] = {"classes": np.array(CLASSES)}
     for split in splits:

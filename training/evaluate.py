@@ -1,4 +1,4 @@
-"""``emotion-train evaluate``: accuracy, per-class accuracy and confusion matrix of a checkpoint."""
+"""``emotion-train evaluate``: accuracy, per-class accuracy and confusion matrix of a model on labelled faces."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 import torch
 
 from training.data import Split
-from worker.classify import TTA_MODES, predict
+from worker.classify import predict
 from worker.model import ModelInfo, OnnxModel, ResNet9
 
 
@@ -15,51 +15,29 @@ def evaluate_model(
     model: ResNet9 | OnnxModel,
     info: ModelInfo,
     split: Split,
-    tta: str = "none",
+    tta="none",
     amp: torch.dtype | None = None,
-    batch_size: int = 128,
+    batch_size=128,
 ) -> dict:
-    """Score ``model`` on ``split``.
-
-    Returns ``accuracy`` (fraction correct), ``per_class`` (class name to accuracy,
-    only for classes present in the split), ``n`` (images), ``counts`` (images per
-    present class) and ``confusion`` (rows: true class, columns: predicted, in
-    ``info.classes`` order), ``faces_per_s`` (faces classified per second, the
-    model's throughput alone: the images are decoded beforehand) and ``batch_size``.
-    """
-    if tuple(split.classes) != tuple(info.classes):
-        order = [info.classes.index(c) for c in split.classes]
-        labels = torch.tensor(order)[split.labels]
-    else:
-        labels = split.labels
+    """Score ``model`` on ``split``: ``accuracy`` (fraction right), ``per_class`` and ``counts`` (by class name, the
+    classes present only), ``n`` (faces), ``confusion`` (rows true, columns predicted, in ``info.classes`` order),
+    ``faces_per_s`` (the model alone: the faces are decoded beforehand) and ``batch_size``."""
+    labels = split.labels
+    if tuple(split.classes) != tuple(info.classes):  # matched by name, never by position
+        labels = torch.tensor([info.classes.index(c) for c in split.classes])[labels]
     start = time.perf_counter()
-    probs = predict(model, info, split.images, tta, batch_size=batch_size, amp=amp)
+    pred = predict(model, info, split.images, tta, batch_size=batch_size, amp=amp).argmax(1)
     seconds = time.perf_counter() - start
-    pred = probs.argmax(1)
     k = len(info.classes)
     confusion = torch.bincount(labels * k + pred, minlength=k * k).view(k, k)
     counts = confusion.sum(1)
-    per_class = {
-        name: round(confusion[i, i].item() / counts[i].item(), 4)
-        for i, name in enumerate(info.classes)
-        if counts[i] > 0
-    }
+    present = [(i, name) for i, name in enumerate(info.classes) if counts[i] > 0]
     return {
         "accuracy": round((pred == labels).float().mean().item(), 4) if len(labels) else float("nan"),
-        "per_class": per_class,
+        "per_class": {name: round(confusion[i, i].item() / counts[i].item(), 4) for i, name in present},
         "n": len(labels),
-        "counts": {name: counts[i].item() for i, name in enumerate(info.classes) if counts[i] > 0},
+        "counts": {name: counts[i].item() for i, name in present},
         "confusion": confusion.tolist(),
         "faces_per_s": round(len(labels) / seconds, 1) if seconds > 0 else float("nan"),
         "batch_size": batch_size,
     }
-
-
-def evaluate_tta_modes(model: ResNet9, info: ModelInfo, split: Split, amp: torch.dtype | None = None) -> dict:
-    """:func:`evaluate_model` for each test-time augmentation (:data:`TTA_MODES`), by mode."""
-    return {tta: evaluate_model(model, info, split, tta, amp=amp) for tta in TTA_MODES}
-
-
-def summary(results: dict) -> dict:
-    """Accuracy, per-class accuracy and count of each mode's result, as ``metrics.json`` keeps them under ``val``."""
-    return {tta: {k: r[k] for k in ("accuracy", "per_class", "n")} for tta, r in results.items()}

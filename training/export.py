@@ -1,10 +1,4 @@
-"""``emotion-train export``: write a trained checkpoint as the bundled fp16 model.
-
-The exported file is an ordinary checkpoint (see ``worker.model``) with its
-floating-point tensors in fp16 and its metadata extended from the run's
-``metrics.json``, so the bundled model says which recipe, data and accuracy it
-comes from.
-"""
+"""``emotion-train export``: a trained checkpoint as the bundled fp16 model, or as an ONNX model."""
 
 from __future__ import annotations
 
@@ -16,48 +10,47 @@ from pathlib import Path
 
 import torch
 
-from training.fit import BEST_FILE, METRICS_FILE, epochs_behind, lineage
-from worker.classify import TTA_MODES, predict, val_acc_key
+from training.fit import BEST_FILE, version
+from worker.classify import predict, val_acc_key
 from worker.model import BUNDLED_WEIGHTS, CheckpointError, ModelInfo, load_checkpoint, save_checkpoint
 
 MAX_BYTES = 25_000_000  # the bundled model ships inside the package and the image
-# Largest difference in class probability allowed between the fp32 model and its fp16 copy.
-FP16_TOLERANCE = 1e-2
+FP16_TOLERANCE = 1e-2  # largest change of a class probability allowed from the fp32 model to its fp16 copy
+ONNX_OPSET = 20
+INT8_TOLERANCE = 0.003  # largest fall in val/ accuracy allowed from the fp32 ONNX model to its int8 copy
+ONNX_TTA = ("none", "flip")  # the TTA modes whose val/ accuracy an ONNX model carries
 
 
 def export(run: Path, to: Path | None = None) -> Path:
-    """Export the best checkpoint of a fit run as an fp16 checkpoint; return the path written.
+    """Write the checkpoint of ``run`` (a fit run's folder or a checkpoint) in fp16 to ``to`` (default: the bundled
+    model; a folder: that file name in it), versioned on the day. Returns the path written.
 
-    ``run`` is the ``--out`` folder of ``emotion-train fit`` (its ``best.safetensors``
-    and ``metrics.json`` are used) or a checkpoint file (then a ``metrics.json``
-    beside a ``best.safetensors`` is used too). ``to`` defaults to the bundled
-    model, ``worker/weights/resnet9.safetensors``; a folder means that file name
-    inside it. Raises :class:`CheckpointError` (a ``ValueError``) naming the path
-    when there is no checkpoint, the metrics belong to another model, the fp16
-    copy does not reproduce the model, or the result is 25 MB or more; the
-    destination is then left as it was.
+    Raises :class:`CheckpointError` (a ``ValueError``), leaving ``to`` as it was, when there is no checkpoint,
+    the fp16 copy changes the outputs, or the file would be 25 MB or more.
     """
-    source = run_checkpoint(Path(run))
-    model, info = load_checkpoint(source)
-    info = _with_lineage(info)
-    metrics = run_metrics(source, info)
-    info = exported_info(info, metrics)
-
+    model, info = load_checkpoint(run_checkpoint(Path(run)))
+    now = datetime.now(UTC)
+    extra = {**info.extra, "exported": now.isoformat(timespec="seconds")}
+    info = replace(info, version=version(extra, info.width, now), extra=extra)
     to = Path(to) if to is not None else BUNDLED_WEIGHTS
     if to.is_dir():
         to = to / BUNDLED_WEIGHTS.name
-    # Written beside the destination and moved into place only once checked, so a
-    # failed export never replaces a working bundled model.
-    staged = to.with_name(to.name + ".export.tmp")
+    staged = to.with_name(to.name + ".export.tmp")  # moved into place once checked
     try:
         save_checkpoint(model, info, staged, dtype=torch.float16)
-        size = staged.stat().st_size
-        if size >= MAX_BYTES:
+        if (size := staged.stat().st_size) >= MAX_BYTES:
             raise CheckpointError(
                 f"{to}: the exported model would be {size / 1e6:.1f} MB, the limit is {MAX_BYTES / 1e6:.0f} MB; "
                 f"export a narrower model (width {info.width} now)"
             )
-        _check_same_outputs(model, staged, to)
+        copy, _ = load_checkpoint(staged)
+        faces = torch.randint(0, 256, (8, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        diff = (predict(model, info, faces) - predict(copy, info, faces)).abs().max().item()
+        if not diff < FP16_TOLERANCE:  # also catches NaN
+            raise CheckpointError(
+                f"{to}: the fp16 copy changes class probabilities by up to {diff:.3g} "
+                f"(tolerance {FP16_TOLERANCE}); the weights do not survive fp16"
+            )
         os.replace(staged, to)
     finally:
         staged.unlink(missing_ok=True)
@@ -65,172 +58,30 @@ def export(run: Path, to: Path | None = None) -> Path:
 
 
 def run_checkpoint(run: Path) -> Path:
-    """The checkpoint ``run`` names: the ``best.safetensors`` of a fit run's folder, or ``run`` itself if a file.
-
-    Raises :class:`CheckpointError` naming ``run`` when there is none.
-    """
+    """The ``best.safetensors`` of a run's folder, or ``run`` itself if a file; :class:`CheckpointError` if none."""
     if run.is_dir():
-        source = run / BEST_FILE
-        if not source.is_file():
+        if not (run / BEST_FILE).is_file():
             raise CheckpointError(
                 f"{run}: no {BEST_FILE} in this folder; pass the --out folder of a finished "
                 "'emotion-train fit' run or a checkpoint file"
             )
-        return source
+        return run / BEST_FILE
     if run.is_file():
         return run
     raise CheckpointError(f"{run} does not exist")
 
 
-def run_metrics(source: Path, info: ModelInfo) -> dict | None:
-    """The ``metrics.json`` of the fit run whose ``best.safetensors`` is ``source`` (described by ``info``).
+def export_onnx(run, data, to: Path | None = None, int8=False, calibration=512, seed=0) -> tuple[Path, dict]:
+    """Write a checkpoint (``run``: a fit run's folder, a checkpoint or a bundled name) as an ONNX model.
 
-    ``None`` for a checkpoint that is not a run's ``best.safetensors`` or a run
-    without metrics; :class:`CheckpointError` when the metrics are unreadable or
-    describe another model.
-    """
-    return _read_metrics(source.parent / METRICS_FILE, info) if source.name == BEST_FILE else None
-
-
-def exported_info(info: ModelInfo, metrics: dict | None, now: datetime | None = None) -> ModelInfo:
-    """``info`` with ``version`` set and ``extra`` extended from ``metrics``.
-
-    The version is ``YYYY.MM.DD-<recipe>-w<width>-e<epochs>``, the epochs counting
-    all the training behind the weights (warm restarts included), so that two
-    models exported on one day tell themselves apart in every event; ``-e<epochs>``
-    is left out when the checkpoint does not record its epochs, ``-avg<n>`` is added
-    when ``emotion-train average`` made it from ``n`` checkpoints, and ``-bn`` when
-    its BatchNorm statistics were recomputed (``recalibrate``, ``average``).
-
-    Added keys (all strings): ``recipe``, ``epochs``, ``best_epoch``, ``device``,
-    ``train_minutes``, ``train_images``, ``val_acc``, ``val_acc_flip``,
-    ``val_acc_tencrop``, ``val_acc_rotate`` (fractions correct on val/ without
-    TTA, with flip, with ten-crop, with rotate), ``val_n`` (images),
-    ``val_per_class`` (JSON: class to fraction, no TTA), ``hyperparameters``
-    (JSON), ``data`` and ``exported`` (ISO 8601, UTC).
-    """
-    now = now or datetime.now(UTC)
-    extra = dict(info.extra)
-    if metrics:
-        val = metrics.get("val", {})
-        extra.update(
-            recipe=str(metrics["recipe"]),
-            epochs=str(metrics["epochs"]),
-            best_epoch=str(metrics["best_epoch"]),
-            device=str(metrics.get("device", extra.get("device", ""))),
-            train_minutes=f"{metrics['train_seconds'] / 60:.1f}",
-            train_images=str(metrics.get("train_images", extra.get("train_images", ""))),
-            data=str(metrics.get("data", extra.get("data", ""))),
-            hyperparameters=json.dumps(metrics.get("hyperparameters", {}), sort_keys=True),
-        )
-        for tta in TTA_MODES:
-            if tta in val:
-                extra[val_acc_key(tta)] = f"{val[tta]['accuracy']:.4f}"
-        if "none" in val:
-            extra["val_n"] = str(val["none"]["n"])
-            extra["val_per_class"] = json.dumps(val["none"]["per_class"])
-    extra["exported"] = now.isoformat(timespec="seconds")
-    recipe = extra.get("recipe", "unknown")
-    version = f"{now:%Y.%m.%d}-{recipe}-w{info.width:g}"
-    if epochs := epochs_behind(extra):
-        version += f"-e{epochs}"
-    if "averaged" in extra:
-        version += f"-avg{len(json.loads(extra['averaged']))}"  # mean of that many checkpoints' weights
-    if "recalibrated" in extra:
-        version += "-bn"  # same weights as the run's, other BatchNorm statistics: another model
-    return replace(info, version=version, extra=extra)
-
-
-def _with_lineage(info: ModelInfo) -> ModelInfo:
-    """Add what a warm restart started from, for checkpoints that name their ``init`` path only."""
-    init = info.extra.get("init")
-    if not init or "init_version" in info.extra or not Path(init).is_file():
-        return info
-    return replace(info, extra={**info.extra, **lineage(load_checkpoint(init)[1])})
-
-
-def _read_metrics(path: Path, info: ModelInfo) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        metrics = json.loads(path.read_text())
-        recipe, width, epochs = metrics["recipe"], float(metrics["width"]), metrics["epochs"]
-        metrics["best_epoch"], metrics["train_seconds"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: not the metrics.json of a finished fit run ({exc!r})") from None
-    # The checkpoint records its own recipe and width; metrics from another run must not be attached to it.
-    if (
-        width != info.width
-        or recipe != info.extra.get("recipe", recipe)
-        or str(epochs) != info.extra.get("epochs", str(epochs))
-    ):
-        raise CheckpointError(
-            f"{path}: describes a {recipe!r} run of width {width} and {epochs} epochs, but the checkpoint beside it "
-            f"is {info.extra.get('recipe')!r}, width {info.width}, {info.extra.get('epochs')} epochs"
-        )
-    return metrics
-
-
-def _check_same_outputs(model: torch.nn.Module, exported: Path, to: Path) -> None:
-    """Refuse an fp16 copy whose probabilities differ (weights out of fp16 range, say)."""
-    copy, info = load_checkpoint(exported)
-    images = torch.randint(0, 256, (8, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    diff = (predict(model, info, images) - predict(copy, info, images)).abs().max().item()
-    if not diff < FP16_TOLERANCE:  # also catches NaN
-        raise CheckpointError(
-            f"{to}: the fp16 copy changes class probabilities by up to {diff:.3g} "
-            f"(tolerance {FP16_TOLERANCE}); the weights do not survive fp16"
-        )
-
-
-ONNX_OPSET = 20
-# Largest fall in val/ accuracy allowed from the fp32 ONNX model to its int8 copy (0.3 points).
-INT8_TOLERANCE = 0.003
-CALIBRATION_FACES = 512  # train/ faces the int8 activation ranges are taken from
-ONNX_TTA = ("none", "flip")  # the TTA modes whose val/ accuracy the ONNX model carries
-
-
-def standard_elu(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` with PyTorch's own ``nn.ELU`` in place of ``worker.model.ELU`` (same outputs).
-
-    Exporters trace the custom autograd ELU as a chain of element-wise ops;
-    ``nn.ELU`` becomes one ONNX ``Elu``.
-    """
-    from torch import nn
-
-    from worker.model import ELU
-
-    for block in model.modules():
-        for name, child in block.named_children():
-            if isinstance(child, ELU):
-                setattr(block, name, nn.ELU(inplace=False))
-    return model
-
-
-def export_onnx(
-    run: str | Path,
-    data: str | Path,
-    to: Path | None = None,
-    int8: bool = False,
-    calibration: int = CALIBRATION_FACES,
-    seed: int = 0,
-) -> tuple[Path, dict]:
-    """Write a checkpoint as an ONNX model for ONNX Runtime; return the path and its val/ accuracy.
-
-    ``run`` is a fit run's folder, a checkpoint file or a bundled model's name.
-    With ``int8`` the model is quantized statically (QDQ, weights per output
-    channel, S8S8), its activation ranges calibrated on ``calibration`` random
-    faces of ``data``'s train/. Both the fp32 and the int8 models are scored on
-    ``data``'s val/ with and without flip TTA, and the export is refused
-    (:class:`CheckpointError`, nothing written) when int8 falls more than
-    ``INT8_TOLERANCE`` below fp32. The file carries the checkpoint's metadata
-    as ONNX ``metadata_props``, with ``val_acc`` / ``val_acc_flip`` its own
-    (the checkpoint's figures kept as ``checkpoint_val_acc...``) and
-    ``onnx_precision`` (``int8`` or ``fp32``). ``to`` defaults to
-    ``<checkpoint>.int8.onnx`` (``<checkpoint>.onnx`` for fp32) beside the checkpoint.
-    Returns ``(path, {"fp32": {tta: accuracy}, "int8": {tta: accuracy}})``.
+    With ``int8`` it is quantized (:func:`quantize_onnx`) on ``calibration`` random faces of ``data``'s train/,
+    and refused (:class:`CheckpointError`, nothing written) when it scores more than ``INT8_TOLERANCE`` below fp32
+    on val/. The file carries the checkpoint's metadata with val/ figures of its own (the checkpoint's become
+    ``checkpoint_val_...``). ``to`` defaults to ``<checkpoint>[.int8].onnx`` beside the checkpoint.
+    Returns ``(path, {"fp32": {tta: val accuracy}, "int8": {...}})``.
     """
     from training.data import load_split
+    from training.evaluate import evaluate_model
     from worker.model import OnnxModel, onnx_beside, resolve_weights
 
     run = Path(run)
@@ -239,21 +90,19 @@ def export_onnx(
     precision = "int8" if int8 else "fp32"
     to = Path(to) if to is not None else onnx_beside(source, precision)
     val = load_split(data, "val", info.classes)
-    staged = to.with_name(to.name + ".export.tmp")
-    work = [staged, to.with_name(f"{to.name}.fp32.tmp")]
+    staged, fp32 = to.with_name(to.name + ".export.tmp"), to.with_name(to.name + ".fp32.tmp")
+    scores = {}
     try:
-        write_onnx(standard_elu(model).float(), info, work[1])
-        set_onnx_metadata(work[1], info.to_metadata())
-        scores = {"fp32": _score(OnnxModel(work[1]), info, val)}
+        write_onnx(standard_elu(model).float(), info, fp32)
+        set_onnx_metadata(fp32, info.to_metadata())  # OnnxModel reads the classes and normalisation from it
+        scores["fp32"] = {tta: evaluate_model(OnnxModel(fp32), info, val, tta) for tta in ONNX_TTA}
         if int8:
             train = load_split(data, "train", info.classes)
-            picked = train.images[
-                torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:calibration]
-            ]
-            faces = ((picked.unsqueeze(1).float().div(255) - info.mean) / info.std).numpy()
-            quantize_onnx(work[1], staged, faces)
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+            faces = ((train.images[order[:calibration]].unsqueeze(1).float().div(255) - info.mean) / info.std).numpy()
+            quantize_onnx(fp32, staged, faces)
             set_onnx_metadata(staged, info.to_metadata())
-            scores["int8"] = _score(OnnxModel(staged), info, val)
+            scores["int8"] = {tta: evaluate_model(OnnxModel(staged), info, val, tta) for tta in ONNX_TTA}
             for tta in ONNX_TTA:
                 drop = scores["fp32"][tta]["accuracy"] - scores["int8"][tta]["accuracy"]
                 if drop > INT8_TOLERANCE:
@@ -262,28 +111,51 @@ def export_onnx(
                         f"the limit is {INT8_TOLERANCE * 100:.1f}; try more calibration faces"
                     )
         else:
-            os.replace(work[1], staged)
-        set_onnx_metadata(staged, _onnx_metadata(info, scores, precision, calibration))
+            os.replace(fp32, staged)
+        set_onnx_metadata(staged, onnx_metadata(info, scores, precision, calibration))
         os.replace(staged, to)
     finally:
-        for path in work:
-            path.unlink(missing_ok=True)
+        staged.unlink(missing_ok=True)
+        fp32.unlink(missing_ok=True)
     return to, {p: {tta: r["accuracy"] for tta, r in s.items()} for p, s in scores.items()}
 
 
-def set_onnx_metadata(path: Path, meta: dict[str, str]) -> None:
-    import onnx
+def onnx_metadata(info: ModelInfo, scores: dict, precision: str, calibration: int) -> dict[str, str]:
+    """The checkpoint's metadata with the ONNX model's own val/ figures (``scores``: results by precision, then
+    TTA mode); the checkpoint's figures are kept as ``checkpoint_val_...``, fp32's beside int8's as ``fp32_...``."""
+    meta = {("checkpoint_" if k.startswith("val_") else "") + k: v for k, v in info.to_metadata().items()}
+    own = scores[precision]
+    meta |= {val_acc_key(tta): f"{r['accuracy']:.4f}" for tta, r in own.items()}
+    meta |= {"val_n": str(own["none"]["n"]), "val_per_class": json.dumps(own["none"]["per_class"])}
+    meta["onnx_precision"] = precision
+    if precision == "int8":
+        meta |= {f"fp32_{val_acc_key(tta)}": f"{r['accuracy']:.4f}" for tta, r in scores["fp32"].items()}
+        meta["quantization"] = (
+            f"ONNX Runtime static, QDQ, S8S8, weights per channel, MinMax ranges of {calibration} train/ faces"
+        )
+    meta["onnx_exported"] = datetime.now(UTC).isoformat(timespec="seconds")
+    return meta
 
-    model = onnx.load(str(path))
-    del model.metadata_props[:]
-    onnx.helper.set_model_props(model, meta)
-    onnx.save(model, str(path))
+
+def standard_elu(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with ``nn.ELU`` in place of ``worker.model.ELU`` (same outputs): the exporter traces the custom
+    autograd ELU as a chain of element-wise ops, and ``nn.ELU`` as one ONNX ``Elu``."""
+    from worker.model import ELU
+
+    for block in model.modules():
+        for name, child in block.named_children():
+            if isinstance(child, ELU):
+                setattr(block, name, torch.nn.ELU(inplace=False))
+    return model
 
 
 def write_onnx(model: torch.nn.Module, info: ModelInfo, path: Path) -> None:
     import io
+    import logging
     from contextlib import redirect_stdout
 
+    # Without torchvision, which the project does not need, the exporter warns that it skips torchvision's ops.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     x = torch.zeros(2, 1, info.input_size, info.input_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with redirect_stdout(io.StringIO()):  # the exporter reports each of its passes on stdout
@@ -300,14 +172,19 @@ def write_onnx(model: torch.nn.Module, info: ModelInfo, path: Path) -> None:
         )
 
 
-def quantize_onnx(fp32: Path, out: Path, faces) -> None:
-    """Quantize the fp32 ONNX model ``fp32`` into ``out``: static int8, QDQ, S8S8, weights per output channel.
+def set_onnx_metadata(path: Path, meta: dict[str, str]) -> None:
+    import onnx
 
-    ``faces`` (float32 NumPy array (N, 1, 48, 48), normalised as the model takes
-    them) calibrate the activation ranges (MinMax). S8S8 in QDQ form is what
-    ONNX Runtime recommends for CPUs; it also avoids the saturation that U8S8
-    can hit on x86 CPUs without VNNI, which are the ones this backend is for.
-    """
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, meta)
+    onnx.save(model, str(path))
+
+
+def quantize_onnx(fp32: Path, out: Path, faces) -> None:
+    """Quantize the ONNX model ``fp32`` into ``out``: static int8, QDQ, S8S8, weights per output channel, activation
+    ranges (MinMax) from ``faces`` (float32 NumPy (N, 1, 48, 48), normalised). S8S8 in QDQ form is what ONNX Runtime
+    recommends for CPUs, and it avoids the saturation U8S8 can hit on x86 CPUs without VNNI."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -332,39 +209,3 @@ def quantize_onnx(fp32: Path, out: Path, faces) -> None:
         )
     finally:
         pre.unlink(missing_ok=True)
-
-
-def _score(model, info: ModelInfo, val) -> dict:
-    from training.evaluate import evaluate_model
-
-    return {tta: evaluate_model(model, info, val, tta) for tta in ONNX_TTA}
-
-
-def _onnx_metadata(info: ModelInfo, all_scores: dict, precision: str, calibration: int) -> dict[str, str]:
-    """The metadata an ONNX model carries: its checkpoint's, with val/ figures of its own.
-
-    ``all_scores`` holds :func:`evaluate_model` results by precision, then TTA mode.
-    """
-    scores = all_scores[precision]
-    meta = info.to_metadata()
-    for tta in TTA_MODES:
-        key = val_acc_key(tta)
-        if key in meta:
-            meta[f"checkpoint_{key}"] = meta.pop(key)
-    if "val_per_class" in meta:
-        meta["checkpoint_val_per_class"] = meta.pop("val_per_class")
-    meta.pop("val_acc_tta", None)
-    for tta, result in scores.items():
-        meta[val_acc_key(tta)] = f"{result['accuracy']:.4f}"
-    meta["val_n"] = str(scores["none"]["n"])
-    meta["val_per_class"] = json.dumps(scores["none"]["per_class"])
-    meta["onnx_precision"] = precision
-    if precision != "fp32":
-        for tta, result in all_scores["fp32"].items():
-            meta[f"fp32_{val_acc_key(tta)}"] = f"{result['accuracy']:.4f}"
-    if precision == "int8":
-        meta["quantization"] = (
-            f"ONNX Runtime static, QDQ, S8S8, weights per channel, MinMax ranges of {calibration} train/ faces"
-        )
-    meta["onnx_exported"] = datetime.now(UTC).isoformat(timespec="seconds")
-    return meta

@@ -15,9 +15,8 @@ def plot_curves(history: list[dict], path: Path) -> None:
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(14, 4))
     ax_loss.plot(epochs, [r["loss"] for r in history])
     ax_loss.set(title="training loss", xlabel="epoch")
-    ax_acc.plot(epochs, [r["train_acc"] for r in history], label="train (augmented)")
-    ax_acc.plot(epochs, [r["val_acc"] for r in history], label="val")
-    ax_acc.plot(epochs, [r["val_acc_tta"] for r in history], label="val, TTA")
+    for key, label in (("train_acc", "train (augmented)"), ("val_acc", "val"), ("val_acc_flip", "val, flip TTA")):
+        ax_acc.plot(epochs, [r[key] for r in history], label=label)
     ax_acc.set(title="accuracy", xlabel="epoch")
     ax_acc.legend()
     ax_lr.plot(epochs, [r["lr"] for r in history])
@@ -29,20 +28,12 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 6))
-    rows = [sum(r) or 1 for r in confusion]
-    norm = [[v / rows[i] for v in r] for i, r in enumerate(confusion)]
+    norm = [[v / (sum(row) or 1) for v in row] for row in confusion]
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    for i, r in enumerate(confusion):
-        for j, v in enumerate(r):
-            ax.text(
-                j,
-                i,
-                f"{v}\n{norm[i][j]:.0%}",
-                ha="center",
-                va="center",
-                fontsize=8,
-                color="white" if norm[i][j] > 0.5 else "black",
-            )
+    for i, row in enumerate(confusion):
+        for j, v in enumerate(row):
+            color = "white" if norm[i][j] > 0.5 else "black"
+            ax.text(j, i, f"{v}\n{norm[i][j]:.0%}", ha="center", va="center", fontsize=8, color=color)
     ax.set_xticks(range(len(classes)), classes, rotation=45)
     ax.set_yticks(range(len(classes)), classes)
     ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (val)")

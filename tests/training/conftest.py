@@ -45,22 +45,20 @@ def small_fer(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def best_run(small_fer, tmp_path_factory) -> Path:
-    """The --out folder of a finished one-epoch `emotion-train fit --recipe best` on ``small_fer``."""
+    """The --out folder of a finished one-epoch `emotion-train fit` on ``small_fer``."""
     from training.cli import main
 
     out = tmp_path_factory.mktemp("run-best")
-    assert main(["fit", "--data", str(small_fer), "--out", str(out), "--recipe", "best", *TINY_FIT]) == 0
+    assert main(["fit", "--data", str(small_fer), "--out", str(out), *TINY_FIT]) == 0
     return out
 
 
 @pytest.fixture(scope="session")
-def seed_run(small_fer, tmp_path_factory) -> Path:
-    """The --out folder of a finished one-epoch `emotion-train fit --recipe seed` on ``small_fer``.
-
-    Unlike the ``best`` recipe's quiet start, its outputs already differ from image to image.
-    """
+def warm_run(best_run, small_fer, tmp_path_factory) -> Path:
+    """The --out folder of a one-epoch `emotion-train fit --init` from ``best_run``'s model, at another seed."""
     from training.cli import main
 
-    out = tmp_path_factory.mktemp("run-seed")
-    assert main(["fit", "--data", str(small_fer), "--out", str(out), "--recipe", "seed", *TINY_FIT]) == 0
+    out = tmp_path_factory.mktemp("run-warm")
+    init = ["--init", str(best_run / "best.safetensors"), "--lr", "0.01", "--seed", "1"]
+    assert main(["fit", "--data", str(small_fer), "--out", str(out), *TINY_FIT, *init]) == 0
     return out

@@ -13,6 +13,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 from tests.training.conftest import TINY_FIT
 
@@ -52,8 +54,10 @@ def test_export_runs_without_the_train_extra(best_run, tmp_path):
     assert (tmp_path / "model.safetensors").stat().st_size > 0
 
 
-def test_fit_names_the_extra_to_install(small_fer, tmp_path):
-    out = emotion_train("fit", "--data", str(small_fer), "--out", str(tmp_path / "run"), *TINY_FIT)
+@pytest.mark.parametrize("command", ["fit", "average"])
+def test_training_commands_name_the_extra_to_install(command, small_fer, tiny_checkpoint, tmp_path):
+    args = [*TINY_FIT] if command == "fit" else ["--weights", str(tiny_checkpoint), str(tiny_checkpoint)]
+    out = emotion_train(command, "--data", str(small_fer), "--out", str(tmp_path / "run"), *args)
     assert out.returncode == 2
     assert "needs tqdm and matplotlib" in out.stderr and "pip install 'emotion-worker[train]'" in out.stderr
     assert "Traceback" not in out.stderr
