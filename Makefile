@@ -57,14 +57,17 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Every figure of docs/benchmarks.md, printed and written as JSON into runs/bench/ (about 30 minutes
+# Every figure of docs/benchmarks.md, printed and written as JSON into runs/bench/ (about 40 minutes
 # on 2 cores); `python benchmarks/table.py runs/bench/*.json` renders them as its tables.
 bench: $(STAMP)
 	mkdir -p runs/bench
 	$(BIN)/python benchmarks/backends.py --json runs/bench/backends.json
 	$(BIN)/python benchmarks/pipeline.py --json runs/bench/pipeline.json
-	$(BIN)/python benchmarks/pipeline.py --weights resnet9 --fps 10 30 max --json runs/bench/pipeline-full.json
-	$(BIN)/python benchmarks/table.py runs/bench/backends.json runs/bench/pipeline.json runs/bench/pipeline-full.json
+	$(BIN)/python benchmarks/pipeline.py --backend onnxruntime --json runs/bench/pipeline-int8.json
+	$(BIN)/python benchmarks/pipeline.py --tta flip --fps 30 max --json runs/bench/pipeline-flip.json
+	$(BIN)/python benchmarks/pipeline.py --weights resnet9 --tta flip --fps 10 30 max --json runs/bench/pipeline-full.json
+	$(BIN)/python benchmarks/table.py runs/bench/backends.json runs/bench/pipeline.json runs/bench/pipeline-int8.json \
+		runs/bench/pipeline-flip.json runs/bench/pipeline-full.json
 
 # Ten minutes of good and bad frames and broker restarts; prints the worker's memory, threads and files.
 soak: $(STAMP) mosquitto

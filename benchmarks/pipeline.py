@@ -256,7 +256,8 @@ def main() -> None:
     ap.add_argument("--weights", help="model.weights: a bundled model's name or a path (default: the worker's)")
     ap.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], help="model.backend")
     ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="model.precision")
-    ap.add_argument("--tta", choices=["none", "flip", "tencrop", "rotate"], help="model.tta")
+    ap.add_argument("--tta", choices=["auto", "none", "flip", "tencrop", "rotate"], help="model.tta")
+    ap.add_argument("--threads", type=int, help="model.threads")
     ap.add_argument("--detect-width", type=int, help="detector.detect_width")
     ap.add_argument("--seconds", type=float, default=20, help="length of each end-to-end run (default: 20)")
     ap.add_argument(
@@ -277,6 +278,7 @@ def main() -> None:
             ("model", "backend", args.backend),
             ("model", "precision", args.precision),
             ("model", "tta", args.tta),
+            ("model", "threads", args.threads),
             ("detector", "detect_width", args.detect_width),
         )
         if value is not None

@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="class folders of face crops, e.g. FER2013's val/")
     p.add_argument("--weights", type=Path, help="checkpoint (default: the bundled model)")
-    p.add_argument("--tta", choices=["none", "flip", "tencrop", "rotate"], default=ModelSettings().tta)
+    p.add_argument("--tta", choices=["auto", "none", "flip", "tencrop", "rotate"], default=ModelSettings().tta)
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--fps", type=float, default=5.0, help="frames per second of simulated time (default 5)")
     p.add_argument("--jitter", type=float, default=0.0, help="random shift of each frame, in frame periods")

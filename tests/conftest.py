@@ -286,11 +286,13 @@ class Listener:
 
         self.messages: list = []
         self._cond = threading.Condition()
+        self.subscribed = threading.Event()  # set once the broker acknowledged the subscriptions
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-listener-{time.time_ns()}", clean_session=not persistent
         )
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, *a: c.subscribe([(t, 1) for t in topics])
+        self.client.on_subscribe = lambda *a: self.subscribed.set()
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
 

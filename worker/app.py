@@ -50,7 +50,7 @@ class Worker:
             ruleset = RuleSet(source=str(rules_file))
             log.info("no rules", file=str(rules_file), note="rules are read from this file once it exists")
         # 1. The model, warmed up, so the first frame is not slow and a bad checkpoint fails now.
-        classifier = Classifier(s.model)
+        classifier = Classifier(s.model, reserve_cores=s.pipeline.threads)
         info = classifier.info
         log.info(
             "model loaded",
@@ -62,6 +62,7 @@ class Worker:
             backend=classifier.backend,
             precision=classifier.precision,
             tta=classifier.tta,
+            threads=classifier.threads,
             why=list(classifier.plan.why),  # what model.* = "auto" picked on this machine, and why
             # Accuracy on FER2013 val/ as recorded at export, with the TTA this worker uses.
             val_acc=info.extra.get(val_acc_key(classifier.tta)),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,7 +130,8 @@ def plan(settings, cuda: bool | None = None, bf16: bool | None = None) -> Plan:
     ``weights``: the full model on CUDA, the small one on a CPU, where the full
     one cannot keep up with a 30 frames/s camera; ``backend``: PyTorch on CUDA
     and on a CPU with bf16, int8 ONNX Runtime on another CPU (where PyTorch would
-    run in fp32, several times slower); ``precision``: as :func:`autocast_dtype`.
+    run in fp32, several times slower); ``precision``: as :func:`autocast_dtype`;
+    ``tta``: flip on CUDA, none on a CPU.
     Raises :class:`CheckpointError` or ``ValueError`` naming the setting when
     the settings contradict each other or the machine.
     """
@@ -172,10 +174,18 @@ def plan(settings, cuda: bool | None = None, bf16: bool | None = None) -> Plan:
             backend = "torch"
             why.append(f"PyTorch in fp32: this CPU lacks bf16 and there is no {onnx_beside(path).name} beside {path}")
 
+    tta = settings.tta
+    if tta == "auto":
+        tta = "flip" if device.type == "cuda" else "none"
+        why.append(
+            "flip TTA on CUDA"
+            if device.type == "cuda"
+            else "no TTA on a CPU, where flip halves the frames per second (model.tta = 'flip' takes it back)"
+        )
     if backend == "torch":
         if is_onnx:
             raise CheckpointError(f"model.backend 'torch' needs a safetensors checkpoint, {path} is an ONNX model")
-        return Plan(path, backend, device, _precision(settings.precision, device, bf16), settings.tta, tuple(why))
+        return Plan(path, backend, device, _precision(settings.precision, device, bf16), tta, tuple(why))
     if settings.device == "cuda":
         raise ValueError("model.backend 'onnxruntime' runs on the CPU; set model.device to 'cpu' or 'auto'")
     if settings.precision != "auto":
@@ -192,7 +202,7 @@ def plan(settings, cuda: bool | None = None, bf16: bool | None = None) -> Plan:
                 "or set model.weights to an .onnx file"
             )
         path = onnx
-    return Plan(path, backend, torch.device("cpu"), None, settings.tta, tuple(why))
+    return Plan(path, backend, torch.device("cpu"), None, tta, tuple(why))
 
 
 def _precision(precision: str, device: torch.device, bf16: bool) -> torch.dtype | None:
@@ -225,16 +235,25 @@ def precision_name(model: ResNet9 | OnnxModel, amp: torch.dtype | None) -> str:
 class Classifier:
     """The emotion model ready to serve: chosen (:func:`plan`), loaded, on its device, warmed up.
 
-    ``settings`` is the ``model`` section of the configuration.
+    ``settings`` is the ``model`` section of the configuration. ``reserve_cores``
+    are the cores other threads need (the pipeline's decoding and detection): with
+    ``model.threads = 0``, PyTorch on a CPU gets the cores left over, at least one.
+    On 2 cores, PyTorch's own two threads contending with detection raised the p99
+    latency at 30 frames/s from 92 to 111 ms (docs/benchmarks.md).
     """
 
-    def __init__(self, settings):
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
+    def __init__(self, settings, reserve_cores: int = 0):
         self.plan = plan(settings)
+        self.threads = settings.threads
+        if not self.threads and reserve_cores and self.plan.backend == "torch" and self.plan.device.type == "cpu":
+            self.threads = max(1, (os.cpu_count() or 1) - reserve_cores)
+        if self.threads and self.plan.backend == "torch":
+            torch.set_num_threads(self.threads)
         self.path, self.device, self.backend = self.plan.weights, self.plan.device, self.plan.backend
         self.amp, self.tta = self.plan.amp, self.plan.tta
         self.model, self.info = load_model(self.plan, settings.threads)
+        if self.plan.backend == "torch":
+            self.threads = torch.get_num_threads()
         self.predict(torch.zeros(2, 1, self.info.input_size, self.info.input_size, dtype=torch.uint8))
 
     @property

@@ -196,15 +196,19 @@ class ModelSettings(Section):
         description="Precision of the torch backend. auto: bf16 on a CPU that has it, bf16 or fp16 on CUDA, "
         "else fp32. The onnxruntime backend computes in its file's precision and takes auto only.",
     )
-    tta: Literal["none", "flip", "tencrop", "rotate"] = Field(
-        "flip",
-        description="Test-time augmentation per face: flip averages the face and its mirror image; "
-        "tencrop adds 2-pixel shifts (10 views), rotate adds turns of ±8 degrees (6 views).",
+    tta: Literal["auto", "none", "flip", "tencrop", "rotate"] = Field(
+        "auto",
+        description="Test-time augmentation per face: flip averages the face and its mirror image (2 views); "
+        "tencrop adds 2-pixel shifts (10 views), rotate adds turns of ±8 degrees (6 views). "
+        "auto: flip on CUDA, none on a CPU, where flip would halve the frames per second.",
     )
     batch_size: int = Field(32, ge=1, le=1024, description="Most faces classified in one batch.")
     max_wait_ms: float = Field(5.0, ge=0, le=1000, description="Longest wait for more faces to fill a batch, in ms.")
     threads: int = Field(
-        0, ge=0, description="CPU threads for the network; 0 leaves the default of PyTorch or ONNX Runtime."
+        0,
+        ge=0,
+        description="CPU threads for the network. 0: PyTorch on a CPU gets the cores that pipeline.threads "
+        "leaves (at least 1); ONNX Runtime and CUDA keep their defaults.",
     )
 
 

@@ -155,14 +155,16 @@ def test_mqtt5_clients_work_against_the_embedded_mosquitto(worker_env, tmp_path,
         answers = []
         got = threading.Event()
         cam = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="mqtt5-camera", protocol=mqtt.MQTTv5)
+        subscribed = threading.Event()
         cam.on_message = lambda c, u, m: (answers.append(m), got.set())
+        cam.on_subscribe = lambda *a: subscribed.set()
         cam.connect("127.0.0.1", port)
         cam.subscribe("cam5/answers", qos=0)
         cam.loop_start()
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = "cam5/answers"
         props.CorrelationData = b"frame-77"
-        time.sleep(0.5)  # the subscription is made
+        assert subscribed.wait(10), "the camera's subscription was not acknowledged"
         cam.publish("emotion/frames/cam5", encode_jpeg(face_frames[0][0]), qos=1, properties=props)
         assert got.wait(60), "no answer on the response topic"
         answer = answers[0]
@@ -248,7 +250,7 @@ def test_amqtt_keeps_every_message_of_a_client_that_publishes_and_disconnects_at
     # Without the front end, amqtt 0.12 loses each of these: it cancels the task that
     # holds the PUBLISH when it reads the end of the stream before that task ran.
     listener = Listener(amqtt_broker.port, ["t/#"])
-    time.sleep(0.3)
+    assert listener.subscribed.wait(10)
     for i in range(10):
         connect_publish_disconnect(amqtt_broker.port, f"t/{i}", b"x" * (100 if i % 2 else 150_000), burst=True)
     deadline = time.monotonic() + 10

@@ -293,10 +293,22 @@ def test_auto_serves_the_small_model_on_a_cpu_and_the_full_one_on_cuda(monkeypat
     assert plan(ModelSettings(weights=None), cuda=False).weights == files["resnet9-small"]
 
 
+def test_auto_tta_is_flip_on_cuda_and_none_on_a_cpu_and_a_set_one_is_kept(monkeypatch, tmp_path):
+    files = {"resnet9": tmp_path / "full.safetensors", "resnet9-small": tmp_path / "small.safetensors"}
+    for f in files.values():
+        f.touch()
+    monkeypatch.setattr(worker.model, "BUNDLED", files)
+    cpu, gpu = plan(ModelSettings(), cuda=False), plan(ModelSettings(), cuda=True)
+    assert (cpu.tta, gpu.tta) == ("none", "flip")
+    assert any("model.tta = 'flip'" in line for line in cpu.why)  # says how to take TTA back
+    assert plan(ModelSettings(tta="flip"), cuda=False).tta == "flip"
+    assert plan(ModelSettings(tta="none"), cuda=True).tta == "none"
+
+
 def test_auto_backend_is_int8_onnxruntime_on_a_cpu_without_bf16(bundled):
     ckpt = bundled["checkpoint"]
-    assert picked(ModelSettings(weights=ckpt), bf16=True) == (ckpt.name, "torch", "cpu", torch.bfloat16, "flip")
-    assert picked(ModelSettings(weights=ckpt), bf16=False) == ("tiny.int8.onnx", "onnxruntime", "cpu", None, "flip")
+    assert picked(ModelSettings(weights=ckpt), bf16=True) == (ckpt.name, "torch", "cpu", torch.bfloat16, "none")
+    assert picked(ModelSettings(weights=ckpt), bf16=False) == ("tiny.int8.onnx", "onnxruntime", "cpu", None, "none")
     p = plan(ModelSettings(weights="resnet9-small", tta="none"), bf16=False)
     assert (p.weights, p.backend, p.tta) == (bundled["int8"], "onnxruntime", "none")
     assert any("lacks bf16" in why for why in p.why)
@@ -309,7 +321,7 @@ def test_auto_backend_is_int8_onnxruntime_on_a_cpu_without_bf16(bundled):
 def test_auto_backend_without_an_int8_file_is_pytorch_fp32(tiny_checkpoint):
     p = plan(ModelSettings(weights=tiny_checkpoint), bf16=False)
     assert (p.weights, p.backend, p.amp) == (tiny_checkpoint, "torch", None)
-    assert "tiny.int8.onnx" in p.why[-1] and "fp32" in p.why[-1]
+    assert "tiny.int8.onnx" in p.why[0] and "fp32" in p.why[0]
 
 
 def test_an_onnx_file_runs_on_onnxruntime(bundled):

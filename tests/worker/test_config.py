@@ -46,7 +46,7 @@ def test_defaults():
     assert s.topics.frames == ["emotion/frames/+"] and s.topics.events == "emotion/events"
     assert s.broker.embedded is False
     assert s.model.weights == "auto" and s.model.backend == "auto" and s.model.precision == "auto"
-    assert s.model.tta == "flip" and s.model.batch_size == 32
+    assert s.model.tta == "auto" and s.model.batch_size == 32
     assert s.detector.kind == "haar" and s.detector.detect_width == 320 and s.detector.max_faces == 8
     assert s.pipeline.max_payload_bytes == 4_000_000 and s.pipeline.max_pixels == 16_000_000
     assert s.log.level == "info"

@@ -361,7 +361,7 @@ def test_metrics_endpoint_exports_what_the_worker_did(traffic, service):
     assert 0 <= value("emotion_heartbeat_age_seconds") < 30
     model = dict(next(labels for (name, labels) in samples if name == "emotion_model_info"))
     assert model.pop("precision") in ("fp32", "bf16")
-    assert model == {"name": "tiny-test", "version": "t1", "device": "cpu", "tta": "flip"}
+    assert model == {"name": "tiny-test", "version": "t1", "device": "cpu", "tta": "none"}  # auto on a CPU
     assert value("emotion_worker_info", version=__import__("worker").__version__) == 1
     assert not any(name.startswith("emotion_gpu_memory") for name, _ in samples)  # on the CPU
     assert "# TYPE emotion_publishes_dropped_total counter" in text

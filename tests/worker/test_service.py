@@ -260,7 +260,10 @@ def test_worker_reconnects_after_the_broker_restarts(worker, listen, mosquitto, 
     proc, log = worker()
     wait_online(listen([STATUS]))
     mosquitto.stop()
-    time.sleep(1.5)
+    deadline = time.monotonic() + 20
+    while "disconnected from broker" not in log.read_text():  # the worker noticed, and goes on
+        assert time.monotonic() < deadline, "the worker did not log the lost connection"
+        time.sleep(0.05)
     assert proc.poll() is None, "worker exited while the broker was down"
     mosquitto.start()
     listener = listen([EVENTS, STATUS])
