@@ -18,7 +18,6 @@ as JSON (``-`` for standard output).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.machine import describe, machine  # noqa: E402
+from benchmarks.machine import describe, machine, write_report  # noqa: E402
 from training.data import load_split  # noqa: E402
 from training.evaluate import evaluate_model  # noqa: E402
 from training.export import set_onnx_metadata, standard_elu, write_onnx  # noqa: E402
@@ -130,10 +129,7 @@ def main() -> None:
                 del net
     ref = None if reference is None else {k: reference[k] for k in ("model", "backend", "precision", "tta")}
     report = {"machine": m, "val": val.source, "faces": len(val), "reference": ref, "rows": rows}
-    if args.json == "-":
-        print(json.dumps(report))
-    elif args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.json)
 
 
 if __name__ == "__main__":

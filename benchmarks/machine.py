@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
+from pathlib import Path
 
 
 def machine() -> dict:
@@ -39,3 +41,11 @@ def describe(m: dict) -> str:
         f"{m['cpu']}, {m['cpus']} CPUs ({', '.join(extras) or 'no bf16, no VNNI'}); torch {m['torch']} "
         f"({m['torch_threads']} threads), onnxruntime {m['onnxruntime']}; load average {m['load_average_1min']}"
     )
+
+
+def write_report(report: dict, dest: str | None) -> None:
+    """``--json DEST``: the figures as JSON, to standard output for ``-``, else into the file ``dest``."""
+    if dest == "-":
+        print(json.dumps(report))
+    elif dest:
+        Path(dest).write_text(json.dumps(report, indent=2) + "\n")

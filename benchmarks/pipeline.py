@@ -39,7 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.machine import describe, machine  # noqa: E402
+from benchmarks.machine import describe, machine, write_report  # noqa: E402
 from tests.conftest import Mosquitto  # noqa: E402
 from worker.classify import Classifier  # noqa: E402
 from worker.config import DEFAULT_CONFIG, load_settings  # noqa: E402
@@ -297,10 +297,7 @@ def main() -> None:
         fps = args.max_fps if rate == "max" else float(rate)
         with tempfile.TemporaryDirectory() as work:
             report["end_to_end"].append(end_to_end(overrides, encode_jpeg(frame), fps, rate, args.seconds, Path(work)))
-    if args.json == "-":
-        print(json.dumps(report))
-    elif args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.json)
 
 
 if __name__ == "__main__":
