@@ -273,6 +273,27 @@ def start_worker(env: dict[str, str], log_path: Path, *args: str) -> subprocess.
     )
 
 
+@pytest.fixture
+def worker(worker_env, tmp_path):
+    """``worker(extra_env, *args)`` starts a worker with the tiny model; returns (process, log path).
+
+    Every worker still running is killed at the end of the test.
+    """
+    procs = []
+
+    def run(extra_env=None, *args):
+        env = {**worker_env, **(extra_env or {})}
+        log = tmp_path / f"worker-{len(procs)}.log"
+        procs.append(start_worker(env, log, *args))
+        return procs[-1], log
+
+    yield run
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 class Listener:
     """A paho client that records every message on the topics it subscribes to.
 
@@ -386,3 +407,4 @@ def json_log():
     structlog.reset_defaults()
     root.handlers[:] = handlers
     root.setLevel(level)
+    logging.captureWarnings(False)  # setup_logging routes warnings into the log

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import ImageFile
 
+from tests.worker.test_frames import encode, sample_image
 from worker.frames import JPEG_MAGIC, PNG_MAGIC, FrameError, decode_payload
 
 MAX_PIXELS = 64 * 64  # small, so that a mutated header easily declares more
@@ -30,23 +31,12 @@ EXAMPLES = settings(
 )
 
 
-def picture(h: int, w: int) -> np.ndarray:
-    yy, xx = np.mgrid[0:h, 0:w]
-    return np.stack([xx * 5 % 256, yy * 7 % 256, (xx + yy) * 3 % 256], axis=-1).astype(np.uint8)
-
-
-def encoded(ext: str, image: np.ndarray, *params: int) -> bytes:
-    ok, buf = cv2.imencode(ext, image, list(params))
-    assert ok
-    return buf.tobytes()
-
-
-JPEG = encoded(".jpg", picture(40, 48), cv2.IMWRITE_JPEG_QUALITY, 90)  # 1,920 pixels, under the limit
-JPEG_BIG = encoded(".jpg", picture(80, 96))  # 7,680 pixels, over it
-PROGRESSIVE = encoded(".jpg", picture(40, 48), cv2.IMWRITE_JPEG_PROGRESSIVE, 1)
-PNG = encoded(".png", picture(40, 48))
-PNG_GREY = encoded(".png", picture(40, 48)[:, :, 0])
-PNG_BIG = encoded(".png", picture(80, 96))
+JPEG = encode(".jpg", sample_image(40, 48), cv2.IMWRITE_JPEG_QUALITY, 90)  # 1,920 pixels, under the limit
+JPEG_BIG = encode(".jpg", sample_image(80, 96))  # 7,680 pixels, over it
+PROGRESSIVE = encode(".jpg", sample_image(40, 48), cv2.IMWRITE_JPEG_PROGRESSIVE, 1)
+PNG = encode(".png", sample_image(40, 48))
+PNG_GREY = encode(".png", sample_image(40, 48)[:, :, 0])
+PNG_BIG = encode(".png", sample_image(80, 96))
 
 
 class Watch:

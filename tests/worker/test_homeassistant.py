@@ -15,7 +15,7 @@ import time
 import paho.mqtt.client as mqtt
 import pytest
 
-from tests.conftest import REPO, publisher, start_worker
+from tests.conftest import REPO, publisher
 from worker.discovery import CAMERA_ID, CONFIGURED_KEY, NODE_ID, WORKER_ID
 from worker.frames import encode_jpeg
 from worker.model import CLASSES
@@ -85,25 +85,16 @@ def check_entity_configs(configs: dict[str, dict]) -> None:
 
 
 @pytest.fixture
-def ha_worker(worker_env, tmp_path):
+def ha_worker(worker):
     """Start workers with the test's environment plus ``extra``; killed at the end of the test."""
-    procs = []
 
     def run(extra: dict | None = None):
-        env = {
-            **worker_env,
-            "EMOTION_MQTT__CLIENT_ID": CLIENT_ID,
-            "EMOTION_PIPELINE__STATS_INTERVAL_S": "1",
-            **(extra or {}),
-        }
-        procs.append(start_worker(env, tmp_path / f"worker-{len(procs)}.log"))
-        return procs[-1]
+        proc, _ = worker(
+            {"EMOTION_MQTT__CLIENT_ID": CLIENT_ID, "EMOTION_PIPELINE__STATS_INTERVAL_S": "1", **(extra or {})}
+        )
+        return proc
 
-    yield run
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    return run
 
 
 def forget(worker_env: dict, *devices: str) -> subprocess.CompletedProcess:

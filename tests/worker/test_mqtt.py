@@ -9,11 +9,9 @@ import time
 
 import paho.mqtt.client as mqtt
 import pytest
-import structlog
 
 from tests.conftest import Listener, Mosquitto, Outage, free_port, publisher
 from worker.config import Settings
-from worker.log import setup_logging
 from worker.mqtt import DEFAULT_SESSION_EXPIRY_S, MqttLink, session_expiry_s
 
 EVENTS = "emotion/events"
@@ -60,20 +58,6 @@ def test_events_published_while_the_broker_is_away_arrive_after_it_returns(tmp_p
         link.close()
         listener.close()
         broker.stop()
-
-
-@pytest.fixture
-def json_log():
-    """The worker's JSON logging into a buffer; the process's logging is restored afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    buf = io.StringIO()
-    setup_logging("info", "json", stream=buf)
-    yield buf
-    structlog.reset_defaults()
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.captureWarnings(False)
 
 
 def records(buf: io.StringIO) -> list[dict]:

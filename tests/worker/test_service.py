@@ -68,24 +68,6 @@ def stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 15) -> int
     return proc.wait(timeout)
 
 
-@pytest.fixture
-def worker(worker_env, tmp_path):
-    """A running worker with the tiny model; yields (process, log path)."""
-    procs = []
-
-    def run(extra_env=None, *args):
-        env = {**worker_env, **(extra_env or {})}
-        log = tmp_path / f"worker-{len(procs)}.log"
-        procs.append(start_worker(env, log, *args))
-        return procs[-1], log
-
-    yield run
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-
-
 def test_face_frame_gives_schema_valid_event(worker, listen, mosquitto, face_frames):
     events = listen([EVENTS, STATUS])
     proc, log = worker()

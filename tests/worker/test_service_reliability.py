@@ -10,27 +10,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from tests.conftest import publisher, start_worker
+from tests.conftest import publisher
 from tests.worker.test_service import EVENTS, STARTUP_S, STATUS, envelope, payload, stop
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def workers(worker_env, tmp_path):
-    """``workers(env)`` starts a worker with the tiny model; returns (process, log path). Killed after the test."""
-    procs = []
-
-    def run(extra_env: dict[str, str]):
-        log = tmp_path / f"worker-{len(procs)}.log"
-        procs.append(start_worker({**worker_env, **extra_env}, log))
-        return procs[-1], log
-
-    yield run
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
 
 
 def lines(log) -> list[dict]:
@@ -39,7 +22,7 @@ def lines(log) -> list[dict]:
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_a_restart_in_the_middle_of_a_qos1_stream_loses_no_frame_younger_than_max_age(
-    workers, listen, mosquitto, protocol
+    worker, listen, mosquitto, protocol
 ):
     env = {
         "EMOTION_MQTT__PROTOCOL": protocol,
@@ -51,7 +34,7 @@ def test_a_restart_in_the_middle_of_a_qos1_stream_loses_no_frame_younger_than_ma
     }
     events = listen([EVENTS])
     status = listen([STATUS])
-    first, first_log = workers(env)
+    first, first_log = worker(env)
     status.wait_for(lambda m: m.payload == b"online", STARTUP_S, "the first worker online")
 
     camera = publisher(mosquitto.port)
@@ -76,7 +59,7 @@ def test_a_restart_in_the_middle_of_a_qos1_stream_loses_no_frame_younger_than_ma
     for k in range(2):
         camera.publish("emotion/frames/door", envelope(image, f"old{k}", captured_at=time.time() - 600), qos=1)
 
-    second, second_log = workers(env)
+    second, second_log = worker(env)
     status.wait_for(lambda m: m.payload == b"online" and len(status.on(m.topic)) >= 3, STARTUP_S, "back online")
     back_at = len(sent)
     events.wait_for(lambda m: len(sent) >= back_at + 5, 30, "frames after the restart")
