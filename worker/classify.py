@@ -239,21 +239,22 @@ class Classifier:
     are the cores other threads need (the pipeline's decoding and detection): with
     ``model.threads = 0``, PyTorch on a CPU gets the cores left over, at least one.
     On 2 cores, PyTorch's own two threads contending with detection raised the p99
-    latency at 30 frames/s from 92 to 111 ms (docs/benchmarks.md).
+    latency at 30 frames/s from 92 to 111 ms (docs/benchmarks.md, PyTorch threads).
     """
 
     def __init__(self, settings, reserve_cores: int = 0):
         self.plan = plan(settings)
-        self.threads = settings.threads
-        if not self.threads and reserve_cores and self.plan.backend == "torch" and self.plan.device.type == "cpu":
-            self.threads = max(1, (os.cpu_count() or 1) - reserve_cores)
-        if self.threads and self.plan.backend == "torch":
-            torch.set_num_threads(self.threads)
         self.path, self.device, self.backend = self.plan.weights, self.plan.device, self.plan.backend
         self.amp, self.tta = self.plan.amp, self.plan.tta
+        if self.backend == "torch":
+            threads = settings.threads
+            if not threads and reserve_cores and self.device.type == "cpu":
+                threads = max(1, (os.cpu_count() or 1) - reserve_cores)
+            if threads:
+                torch.set_num_threads(threads)
         self.model, self.info = load_model(self.plan, settings.threads)
-        if self.plan.backend == "torch":
-            self.threads = torch.get_num_threads()
+        # What the network runs on: PyTorch's thread count, or the setting ONNX Runtime was given (0: its default).
+        self.threads = torch.get_num_threads() if self.backend == "torch" else settings.threads
         self.predict(torch.zeros(2, 1, self.info.input_size, self.info.input_size, dtype=torch.uint8))
 
     @property
