@@ -11,7 +11,7 @@ from pathlib import Path
 from training.fit import Hyper
 from worker.classify import TTA_MODES
 
-DATA_HELP = "folder with train/ and val/, fer2013.csv, or a .npz from `emotion-train pack`"
+DATA_HELP = "folder with train/ and val/, or fer2013.csv"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("fit", help="train a ResNet9 on FER2013; the defaults are the recipe in training/fit.py")
     p.add_argument("--data", required=True, type=Path, help=DATA_HELP)
-    p.add_argument("--out", required=True, type=Path, help="output folder: best.safetensors, metrics.json, plots")
+    p.add_argument("--out", required=True, type=Path, help="output folder: best.safetensors and metrics.json")
     p.add_argument("--device", **device)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="train on a stratified subset of this many images")
@@ -63,12 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="folder for the averaged run")
     p.add_argument("--device", **device)
 
-    p = sub.add_parser("pack", help="write train/ and val/ into one .npz, to carry to a GPU machine")
-    p.add_argument("--data", required=True, type=Path, help="folder with train/ and val/, or fer2013.csv")
-    p.add_argument("--out", required=True, type=Path, help="the .npz to write")
-
     args = parser.parse_args(argv)
-    commands = {"fit": _fit, "evaluate": _evaluate, "export": _export, "average": _average, "pack": _pack}
+    commands = {"fit": _fit, "evaluate": _evaluate, "export": _export, "average": _average}
     try:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as exc:
@@ -76,17 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _need_train_extra() -> None:
-    import importlib.util
-
-    if missing := [m for m in ("tqdm", "matplotlib") if importlib.util.find_spec(m) is None]:
-        raise ValueError(
-            f"needs {' and '.join(missing)}, which the base install leaves out: pip install 'emotion-worker[train]'"
-        )
-
-
 def _fit(args) -> int:
-    _need_train_extra()
     from training.fit import fit
 
     hp = Hyper(**{f.name: getattr(args, f.name) for f in fields(Hyper) if getattr(args, f.name, None) is not None})
@@ -149,6 +135,12 @@ def _export(args) -> int:
         return 0
     if args.data is None:
         raise ValueError("--onnx needs --data, a folder with val/ (and train/ for --int8)")
+    import importlib.util
+
+    if missing := [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]:
+        raise ValueError(
+            f"--onnx needs {' and '.join(missing)}, in the train extra: pip install 'emotion-worker[train]'"
+        )
     if args.calibration < 1:
         raise ValueError(f"--calibration must be 1 or more, got {args.calibration}")
     path, scores = export_onnx(args.run, args.data, args.to, int8=args.int8, calibration=args.calibration)
@@ -159,18 +151,9 @@ def _export(args) -> int:
 
 
 def _average(args) -> int:
-    _need_train_extra()
     from training.average import average
 
     average(args.weights, args.data, args.out, device=args.device)
-    return 0
-
-
-def _pack(args) -> int:
-    from training.data import pack
-
-    path = pack(args.data, args.out)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 

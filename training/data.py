@@ -1,4 +1,4 @@
-"""FER2013 loaders: the image-folder layout, the original ``fer2013.csv`` and a packed ``.npz``.
+"""FER2013 loaders: the image-folder layout and the original ``fer2013.csv``.
 
 Labels are mapped by class name, never by position, into the order of the class list asked for.
 """
@@ -6,7 +6,6 @@ Labels are mapped by class name, never by position, into the order of the class 
 from __future__ import annotations
 
 import csv
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,14 +54,12 @@ class Split:
 
 def load_split(data: str | Path, split: str, classes: tuple[str, ...] = CLASSES) -> Split:
     """Load ``split`` ("train", "val" or "test") of ``data``: a folder of ``<split>/<class>/*.jpg``, of
-    ``<class>/*.jpg`` (``split`` ignored), a ``fer2013.csv`` or a folder holding it, or a ``.npz`` from :func:`pack`."""
+    ``<class>/*.jpg`` (``split`` ignored), or a ``fer2013.csv`` or a folder holding it."""
     data = Path(data)
     if not data.exists():
         raise DataError(f"data path {data} does not exist")
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}, expected one of {sorted(SPLITS)}")
-    if data.is_file() and data.suffix == ".npz":
-        return _load_npz(data, split, classes)
     if data.is_file():
         return _load_csv(data, split, classes)
     if (data / split).is_dir():
@@ -131,49 +128,3 @@ def _load_csv(path: Path, split: str, classes: tuple[str, ...]) -> Split:
     if not images:
         raise DataError(f"{path}: no rows with Usage {usage!r}")
     return Split(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64), classes, str(path))
-
-
-def pack(data: str | Path, out: str | Path, splits: tuple[str, ...] = ("train", "val")) -> Path:
-    """Write ``splits`` of ``data`` into one ``.npz`` to carry to a GPU machine: encoded images, offsets, labels,
-    class names. Images keep their file's bytes (the CSV's become PNG), less the bytes every image of a split begins
-    with (one encoder's JPEG headers, 328 bytes a face), stored once: FER2013 train and val take 49 MB, not 60."""
-    data, out = Path(data), Path(out)
-    arrays: dict[str, np.ndarray] = {"classes": np.array(CLASSES)}
-    for split in splits:
-        if data.is_dir() and (data / split).is_dir():
-            files = _folder_files(data / split, CLASSES)
-            blobs = [path.read_bytes() for path, _ in files]
-            labels = [label for _, label in files]
-        else:
-            s = load_split(data, split)
-            blobs = [cv2.imencode(".png", img)[1].tobytes() for img in s.images.numpy()]
-            labels = s.labels.tolist()
-        prefix = os.path.commonprefix(blobs) if blobs else b""
-        blobs = [b[len(prefix) :] for b in blobs]
-        arrays[f"{split}_prefix"] = np.frombuffer(prefix, np.uint8)
-        arrays[f"{split}_bytes"] = np.frombuffer(b"".join(blobs), np.uint8)
-        arrays[f"{split}_offsets"] = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
-        arrays[f"{split}_labels"] = np.array(labels, np.uint8)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, **arrays)
-    return out
-
-
-def _load_npz(path: Path, split: str, classes: tuple[str, ...]) -> Split:
-    with np.load(path, allow_pickle=False) as z:
-        if f"{split}_bytes" not in z:
-            held = sorted(k[: -len("_bytes")] for k in z if k.endswith("_bytes"))
-            raise DataError(f"{path}: has no '{split}' split (it holds {held})")
-        stored = [str(c) for c in z["classes"]]
-        blob, offsets = z[f"{split}_bytes"], z[f"{split}_offsets"]
-        prefix = z[f"{split}_prefix"].tobytes() if f"{split}_prefix" in z else b""
-        labels = z[f"{split}_labels"].astype(np.int64)
-    unknown = [c for c in stored if c not in classes and (labels == stored.index(c)).any()]
-    if unknown:
-        raise DataError(f"{path}: classes {unknown} are not among the model's classes {list(classes)}")
-    images = [
-        _decode(prefix + blob[a:b].tobytes(), f"{path} {split} image {i}")
-        for i, (a, b) in enumerate(zip(offsets[:-1], offsets[1:]))
-    ]
-    remap = np.array([classes.index(c) if c in classes else -1 for c in stored])
-    return Split(torch.from_numpy(np.stack(images)), torch.from_numpy(remap[labels]), classes, str(path))

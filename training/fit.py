@@ -89,7 +89,8 @@ TEACHER_TTA = "flip"  # the teacher's soft targets: its prediction with the work
 
 
 def fit(data, out, hp: Hyper = Hyper(), device="auto", limit=None, seed=0, init=None, teacher=None) -> dict:
-    """Train on ``data`` (see ``load_split``); write the model, ``metrics.json`` and plots into the folder ``out``.
+    """Train on ``data`` (see ``load_split``); write the model and ``metrics.json`` (the
+    per-epoch history) into the folder ``out``.
 
     ``limit``: train on a stratified subset of that many train/ faces (and a quarter as many val/ faces).
     ``init``: start from that checkpoint (same width) or bundled model. ``teacher``: a checkpoint or bundled
@@ -150,7 +151,8 @@ def fit(data, out, hp: Hyper = Hyper(), device="auto", limit=None, seed=0, init=
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            if hasattr(bar, "set_postfix"):  # tqdm's
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
         seconds = time.perf_counter() - t0
         train_seconds += seconds
         if epoch >= swa_from:
@@ -202,17 +204,13 @@ def fit(data, out, hp: Hyper = Hyper(), device="auto", limit=None, seed=0, init=
         "history": history,
     }
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-    from training.plots import plot_curves
-
-    plot_curves(history, out / "curves.png")
     return metrics
 
 
 def finish(model: ResNet9, info: ModelInfo, extra: dict, train: Split, val: Split, out: Path, dev, amp, seed=0) -> dict:
     """The last steps of ``fit`` and ``average``: recalibrate BatchNorm, score on val/ in every TTA mode, write the
-    model (metadata ``extra`` plus its scores) and ``confusion.png``. Returns metrics for ``metrics.json``."""
+    model (metadata ``extra`` plus its scores). Returns metrics for ``metrics.json``."""
     from training.evaluate import evaluate_model
-    from training.plots import plot_confusion
 
     recalibrate(model, train.images, info, torch.Generator().manual_seed(seed), amp)
     extra["recalibrated"] = f"BatchNorm statistics from {len(train)} clean train/ faces, mirrored at random"
@@ -223,7 +221,6 @@ def finish(model: ResNet9, info: ModelInfo, extra: dict, train: Split, val: Spli
     extra["date"] = now.isoformat(timespec="seconds")
     kept = replace(info, version=version(extra, info.width, now), extra=extra)
     save_checkpoint(model, kept, out / BEST_FILE)
-    plot_confusion(results["none"]["confusion"], list(info.classes), out / "confusion.png")
     scores = ", ".join(f"{tta} {r['accuracy']:.4f}" for tta, r in results.items())
     print(f"{kept.version}: val accuracy {scores}; wrote {out / BEST_FILE}", flush=True)
     return {
@@ -439,10 +436,11 @@ def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def progress(iterable, desc: str):
-    """A progress bar on a terminal (tqdm is in the train extra: imported here so that evaluate and export run
-    without it)."""
-    from tqdm import tqdm
-
+    """A progress bar on a terminal, where tqdm (the train extra) is installed."""
+    try:
+        from tqdm import tqdm
+    except ModuleNotFoundError:
+        return iterable
     return tqdm(iterable, desc=desc, leave=False, disable=None)
 
 

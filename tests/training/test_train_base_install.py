@@ -1,10 +1,11 @@
-"""`emotion-train` with only the base package installed: no tqdm, no matplotlib (the train extra).
+"""`emotion-train` without the train extra (tqdm, onnx, onnxscript): every command runs, without a progress
+bar, but `export --onnx`, which names the extra to install.
 
 A second virtual environment with only the base package would install PyTorch again
-(gigabytes), so these tests run `emotion-train` in a subprocess where tqdm and matplotlib
-cannot be imported: ``sys.modules[name] = None`` makes every ``import tqdm`` (and every
-``import matplotlib.pyplot``) raise ModuleNotFoundError, and ``importlib.util.find_spec``
-return None, exactly as when the packages are not installed.
+(gigabytes), so these tests run `emotion-train` in a subprocess where those cannot be
+imported: ``sys.modules[name] = None`` makes every ``import tqdm`` raise
+ModuleNotFoundError and ``importlib.util.find_spec`` return None, as when the package
+is not installed.
 """
 
 from __future__ import annotations
@@ -13,12 +14,10 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 from tests.conftest import REPO
 from tests.training.conftest import TINY_FIT
 
-BLOCKED = ("tqdm", "matplotlib")
+BLOCKED = ("tqdm", "onnx", "onnxscript")
 RUN_WITHOUT_EXTRAS = (
     "import sys\n"
     f"sys.modules.update(dict.fromkeys({BLOCKED!r}))\n"
@@ -54,10 +53,22 @@ def test_export_runs_without_the_train_extra(best_run, tmp_path):
     assert (tmp_path / "model.safetensors").stat().st_size > 0
 
 
-@pytest.mark.parametrize("command", ["fit", "average"])
-def test_training_commands_name_the_extra_to_install(command, small_fer, tiny_checkpoint, tmp_path):
-    args = [*TINY_FIT] if command == "fit" else ["--weights", str(tiny_checkpoint), str(tiny_checkpoint)]
-    out = emotion_train(command, "--data", str(small_fer), "--out", str(tmp_path / "run"), *args)
-    assert out.returncode == 2
-    assert "needs tqdm and matplotlib" in out.stderr and "pip install 'emotion-worker[train]'" in out.stderr
-    assert "Traceback" not in out.stderr
+def test_fit_and_average_run_without_the_train_extra(small_fer, tmp_path):
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for seed, run in enumerate(runs):
+        out = emotion_train("fit", "--data", str(small_fer), "--out", str(run), "--seed", str(seed), *TINY_FIT)
+        assert out.returncode == 0, out.stderr
+        assert (run / "best.safetensors").is_file() and "epoch   1/1" in out.stdout
+    weights = [str(run / "best.safetensors") for run in runs]
+    out = emotion_train("average", "--data", str(small_fer), "--out", str(tmp_path / "mean"), "--weights", *weights)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "mean" / "best.safetensors").is_file()
+
+
+def test_onnx_export_names_the_extra_to_install(best_run, small_fer, tmp_path):
+    out = emotion_train(
+        "export", "--run", str(best_run), "--onnx", "--data", str(small_fer), "--to", str(tmp_path / "m.onnx")
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--onnx needs onnx and onnxscript" in out.stderr and "pip install 'emotion-worker[train]'" in out.stderr
+    assert not (tmp_path / "m.onnx").exists()

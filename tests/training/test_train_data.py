@@ -8,7 +8,6 @@ import random
 
 import cv2
 import pytest
-import torch
 
 from tests.training.conftest import copy_images, fer_images
 from training.data import DataError, load_split
@@ -114,63 +113,3 @@ def test_loader_errors_name_the_problem(tmp_path):
         load_split(tmp_path / "faces", "val")
     with pytest.raises(DataError, match="does not exist"):
         load_split(tmp_path / "nowhere", "train")
-
-
-def test_pack_writes_an_npz_that_loads_like_the_folders(small_fer, tmp_path):
-    from training.cli import main
-
-    out = tmp_path / "fer.npz"
-    assert main(["pack", "--data", str(small_fer), "--out", str(out)]) == 0
-    for split in ("train", "val"):
-        folder, packed = load_split(small_fer, split), load_split(out, split)
-        assert torch.equal(folder.images, packed.images)
-        assert torch.equal(folder.labels, packed.labels)
-    # Labels are mapped by name into the order the caller asks for.
-    reordered = tuple(reversed(CLASSES))
-    folder, packed = load_split(small_fer, "val", reordered), load_split(out, "val", reordered)
-    assert torch.equal(folder.labels, packed.labels)
-    assert [reordered[i] for i in packed.labels[:3]] == [CLASSES[i] for i in load_split(out, "val").labels[:3]]
-    with pytest.raises(DataError, match="has no 'test' split"):
-        load_split(out, "test")
-
-
-def test_pack_stores_the_bytes_every_image_begins_with_once(small_fer, tmp_path):
-    import numpy as np
-
-    from training.data import pack
-
-    out = pack(small_fer, tmp_path / "fer.npz", splits=("train",))
-    files = sorted((small_fer / "train").rglob("*.*"))
-    with np.load(out) as z:
-        prefix, blob = z["train_prefix"].tobytes(), z["train_bytes"]
-    assert prefix.startswith(b"\xff\xd8")  # the JPEG header, shared by every file
-    assert all(f.read_bytes().startswith(prefix) for f in files)
-    assert blob.size == sum(f.stat().st_size for f in files) - len(files) * len(prefix)
-
-
-def test_an_npz_without_a_shared_prefix_still_loads(small_fer, tmp_path):
-    import numpy as np
-
-    from training.data import pack
-
-    out = pack(small_fer, tmp_path / "fer.npz", splits=("val",))
-    with np.load(out) as z:
-        arrays = {k: z[k] for k in z.files}
-    prefix = arrays.pop("val_prefix").tobytes()
-    starts = arrays["val_offsets"]
-    blobs = [prefix + arrays["val_bytes"][a:b].tobytes() for a, b in zip(starts[:-1], starts[1:])]
-    arrays["val_bytes"] = np.frombuffer(b"".join(blobs), np.uint8)
-    arrays["val_offsets"] = np.cumsum([0] + [len(b) for b in blobs])
-    np.savez(tmp_path / "plain.npz", **arrays)
-    assert torch.equal(load_split(tmp_path / "plain.npz", "val").images, load_split(small_fer, "val").images)
-
-
-def test_pack_of_the_csv_keeps_the_pixels_exactly(fer_both_ways, tmp_path):
-    from training.data import pack
-
-    csv_path, _, _ = fer_both_ways
-    out = pack(csv_path, tmp_path / "from-csv.npz")
-    for split in ("train", "val"):
-        original, packed = load_split(csv_path, split), load_split(out, split)
-        assert torch.equal(original.images, packed.images)  # PNG is lossless
-        assert torch.equal(original.labels, packed.labels)

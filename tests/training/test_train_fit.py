@@ -41,7 +41,6 @@ METRICS_KEYS = {
     "history",
 }
 HISTORY_KEYS = {"epoch", "loss", "train_acc", "val_acc", "val_acc_flip", "lr", "images_per_s", "seconds"}
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def check_run(out, epochs: int = 1) -> dict:
@@ -76,13 +75,10 @@ def check_run(out, epochs: int = 1) -> dict:
     assert sum(map(sum, confusion)) == metrics["val"]["none"]["n"]
     correct = sum(confusion[i][i] for i in range(len(CLASSES)))
     assert metrics["val"]["none"]["accuracy"] == round(correct / metrics["val"]["none"]["n"], 4)
-    for png in ("curves.png", "confusion.png"):
-        data = (out / png).read_bytes()
-        assert data.startswith(PNG_MAGIC) and len(data) > 5000, png
     return metrics
 
 
-def test_fit_writes_checkpoint_metrics_and_plots(best_run):
+def test_fit_writes_checkpoint_and_metrics(best_run):
     metrics = check_run(best_run)
     # The recipe's defaults with the flags given; the averaging covers the last quarter of the epochs, at least one.
     assert metrics["hyperparameters"] == json.loads(json.dumps(asdict(Hyper(epochs=1, width=0.125))))
