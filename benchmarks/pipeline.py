@@ -34,7 +34,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import paho.mqtt.client as mqtt
-import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -43,7 +42,7 @@ from benchmarks.machine import describe, machine, write_report  # noqa: E402
 from tests.conftest import Mosquitto  # noqa: E402
 from worker.classify import Classifier  # noqa: E402
 from worker.config import DEFAULT_CONFIG, load_settings  # noqa: E402
-from worker.faces import FaceDetector, crop_faces  # noqa: E402
+from worker.faces import FaceDetector, crop_faces, share_cores  # noqa: E402
 from worker.frames import decode_payload, encode_jpeg  # noqa: E402
 from worker.log import setup_logging  # noqa: E402
 
@@ -82,7 +81,8 @@ def timed(fn, n: int) -> float:
 def stages(settings, frame: np.ndarray) -> dict:
     jpeg = encode_jpeg(frame)
     out: dict = {"jpeg_bytes": len(jpeg)}
-    print(f"frame {frame.shape[1]}x{frame.shape[0]}, JPEG {len(jpeg)} bytes; torch threads {torch.get_num_threads()}")
+    out["opencv_threads"] = share_cores(settings.pipeline.threads)  # as the worker does
+    print(f"frame {frame.shape[1]}x{frame.shape[0]}, JPEG {len(jpeg)} bytes; OpenCV threads {out['opencv_threads']}")
     out["decode_ms"] = timed(lambda: decode_payload(jpeg, "d", "t", 10**7, 10**8), 50)
     print(f"  decode JPEG                {out['decode_ms']:7.2f} ms")
     out["haar_ms"] = {}
@@ -91,7 +91,7 @@ def stages(settings, frame: np.ndarray) -> dict:
         ms = out["haar_ms"][width] = timed(lambda: det.detect(frame), 20)
         found = len(det.detect(frame))
         print(f"  Haar, detect_width {width:4d}   {ms:7.2f} ms  ({found} face{'s' * (found != 1)})")
-    clf = Classifier(settings.model)
+    clf = Classifier(settings.model, reserve_cores=settings.pipeline.threads)
     crop = crop_faces(frame, FaceDetector(settings.detector).detect(frame))
     out["model"] = {
         "path": str(clf.path),
@@ -101,9 +101,12 @@ def stages(settings, frame: np.ndarray) -> dict:
         "device": str(clf.device),
         "precision": clf.precision,
         "tta": clf.tta,
+        "threads": clf.threads,
         "why": list(clf.plan.why),
     }
-    print(f"  model: width {clf.info.width}, {clf.device}, {clf.backend}, {clf.precision}, TTA {clf.tta}")
+    print(
+        f"  model: width {clf.info.width}, {clf.device}, {clf.backend}, {clf.precision}, TTA {clf.tta}, {clf.threads} threads"
+    )
     out["classify_ms"] = {}
     for n in (1, 8, 32):
         crops = np.repeat(crop, n, axis=0)

@@ -9,7 +9,7 @@ from worker.classify import Classifier, val_acc_key
 from worker.config import Settings
 from worker.discovery import Discovery
 from worker.events import SKIPPED
-from worker.faces import FaceDetector
+from worker.faces import FaceDetector, share_cores
 from worker.health import HealthReporter
 from worker.log import get_logger
 from worker.metrics import MetricsServer, Sources
@@ -69,7 +69,13 @@ class Worker:
         )
         # 2. The face detector.
         detector = FaceDetector(s.detector)
-        log.info("face detector ready", kind=s.detector.kind, detect_width=s.detector.detect_width)
+        log.info(
+            "face detector ready",
+            kind=s.detector.kind,
+            detect_width=s.detector.detect_width,
+            threads=s.pipeline.threads,
+            opencv_threads=share_cores(s.pipeline.threads),
+        )
         # 3. The embedded broker, when asked for: the one already on the port, else Mosquitto, else amqtt.
         if s.broker.embedded:
             self.broker = start_broker(s.broker.kind, s.broker.host, s.broker.port)

@@ -37,6 +37,15 @@ class Box:
         return self.w * self.h
 
 
+def share_cores(pipeline_threads: int) -> int:
+    """Set OpenCV to one thread per call when ``pipeline_threads`` frames are detected at once: its own thread
+    pool on top of theirs oversubscribes the cores (docs/benchmarks.md, "OpenCV threads"). One pipeline thread
+    keeps OpenCV's pool. Process-wide; returns OpenCV's thread count."""
+    if pipeline_threads > 1:
+        cv2.setNumThreads(1)
+    return cv2.getNumThreads()
+
+
 class FaceDetector:
     """Finds faces in BGR frames. Safe to call from several threads."""
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from worker.config import DetectorSettings
-from worker.faces import Box, DetectorError, FaceDetector, crop_faces
+from worker.faces import Box, DetectorError, FaceDetector, crop_faces, share_cores
 
 
 def iou(box: Box, rect: tuple[int, int, int, int]) -> float:
@@ -229,3 +229,13 @@ def test_crops_of_detected_faces(haar, face_frames):
     assert crops.shape == (1, 48, 48)
     # the crop shows the pasted face, not the flat background around it
     assert crops[0].std() > 20
+
+
+def test_share_cores_gives_opencv_one_thread_only_when_the_pipeline_detects_in_parallel():
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(2)
+        assert share_cores(1) == 2 == cv2.getNumThreads()  # one pipeline thread keeps OpenCV's pool
+        assert share_cores(2) == 1 == cv2.getNumThreads()
+    finally:
+        cv2.setNumThreads(before)

@@ -390,3 +390,5 @@ def test_the_default_model_is_the_small_one_on_a_cpu_and_the_log_says_why(worker
     assert (loaded["backend"], loaded["precision"]) in {("torch", "bf16"), ("onnxruntime", "int8")}
     assert "small model" in loaded["why"][0] and "'resnet9'" in loaded["why"][0]  # and how to take the full one back
     assert ("bf16" if loaded["backend"] == "torch" else "lacks bf16") in loaded["why"][1]
+    detector = next(e for e in lines if e["event"] == "face detector ready")
+    assert (detector["threads"], detector["opencv_threads"]) == (2, 1)  # the default: two frames detected at once
