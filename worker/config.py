@@ -235,7 +235,13 @@ class PipelineSettings(Section):
     queue_size: int = Field(
         8, ge=1, le=10000, description="Frames waiting to be processed; beyond it the oldest are dropped."
     )
-    threads: int = Field(2, ge=1, le=64, description="Threads decoding frames and detecting faces.")
+    threads: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Threads decoding frames and detecting faces; with 2 or more, OpenCV gives each detection one "
+        "thread.",
+    )
     max_age_s: float = Field(
         5.0, gt=0, description="Frames older than this (from captured_at, else from arrival) are skipped, in seconds."
     )
