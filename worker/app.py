@@ -69,12 +69,13 @@ class Worker:
         )
         # 2. The face detector.
         detector = FaceDetector(s.detector)
+        opencv_threads = share_cores(s.pipeline.threads)
         log.info(
             "face detector ready",
             kind=s.detector.kind,
             detect_width=s.detector.detect_width,
             threads=s.pipeline.threads,
-            opencv_threads=share_cores(s.pipeline.threads),
+            opencv_threads=opencv_threads,
         )
         # 3. The embedded broker, when asked for: the one already on the port, else Mosquitto, else amqtt.
         if s.broker.embedded:
