@@ -103,6 +103,7 @@ def main() -> None:
                         "model": label,
                         "version": info.version,
                         "width": info.width,
+                        "stages": list(info.channels),
                         "backend": backend,
                         "precision": precision_name(net, amp),
                         "tta": tta,

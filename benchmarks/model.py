@@ -1,8 +1,8 @@
 """Measure the ResNet9 alone: inference and training images per second, with this project's ELU and PyTorch's.
 
-    python benchmarks/model.py [--width W ...] [--batch B] [--steps N] [--device D]
+    python benchmarks/model.py [--width W ...] [--stages C1,C2,C3 ...] [--batch B] [--steps N] [--device D]
 
-Prints, for each width, the images per second of an inference forward pass and
+Prints, for each width and each set of stage channels, the images per second of an inference forward pass and
 of a training step (forward, backward and the recipe's optimizer step),
 in bf16 on the CPU (the worker's and the trainer's precision there), on random
 input. Each is measured twice: with the network as it is (`worker.model.ELU`)
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training.fit import Hyper, make_optimizer  # noqa: E402
 from worker.classify import autocast_dtype  # noqa: E402
-from worker.model import ELU, ResNet9  # noqa: E402
+from worker.model import ELU, ResNet9, parse_stages  # noqa: E402
 
 
 def with_torch_elu(model: ResNet9) -> ResNet9:
@@ -43,9 +43,9 @@ def rate(fn, batch: int, steps: int) -> float:
     return batch * steps / (time.perf_counter() - t)
 
 
-def measure(width: float, torch_elu: bool, batch: int, steps: int, dev: torch.device) -> tuple[float, float]:
+def measure(shape: dict, torch_elu: bool, batch: int, steps: int, dev: torch.device) -> tuple[float, float]:
     torch.manual_seed(0)
-    model = ResNet9(width=width)
+    model = ResNet9(**shape)
     if torch_elu:
         model = with_torch_elu(model)
     model = model.to(dev, memory_format=torch.channels_last)
@@ -80,6 +80,7 @@ def measure(width: float, torch_elu: bool, batch: int, steps: int, dev: torch.de
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--width", type=float, nargs="+", default=[1.0, 0.5])
+    ap.add_argument("--stages", type=parse_stages, nargs="*", default=[], metavar="C1,C2,C3")
     ap.add_argument("--batch", type=int, default=128, help="the recipe's batch size")
     ap.add_argument("--steps", type=int, default=5, help="timed batches per figure")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -89,13 +90,14 @@ def main() -> None:
         f"device {dev}, precision {autocast_dtype(dev) or 'fp32'}, batch {args.batch}, "
         f"torch threads {torch.get_num_threads()}"
     )
-    for width in args.width:
+    shapes = [{"width": w} for w in args.width] + [{"stages": s} for s in args.stages]
+    for shape in shapes:
+        name = f"width {shape['width']:<4}" if "width" in shape else "stages " + ",".join(map(str, shape["stages"]))
         for torch_elu in (False, True):
-            inference, training = measure(width, torch_elu, args.batch, args.steps, dev)
+            inference, training = measure(shape, torch_elu, args.batch, args.steps, dev)
             elu = "nn.ELU" if torch_elu else "ELU"
             print(
-                f"  width {width:<4}  {elu:<6}  inference {inference:6.1f} images/s   "
-                f"training {training:6.1f} images/s",
+                f"  {name:<16}  {elu:<6}  inference {inference:6.1f} images/s   training {training:6.1f} images/s",
                 flush=True,
             )
 

@@ -97,6 +97,7 @@ def stages(settings, frame: np.ndarray) -> dict:
         "path": str(clf.path),
         "version": clf.info.version,
         "width": clf.info.width,
+        "stages": list(clf.info.channels),
         "backend": clf.backend,
         "device": str(clf.device),
         "precision": clf.precision,
@@ -105,7 +106,7 @@ def stages(settings, frame: np.ndarray) -> dict:
         "why": list(clf.plan.why),
     }
     print(
-        f"  model: width {clf.info.width}, {clf.device}, {clf.backend}, {clf.precision}, TTA {clf.tta}, {clf.threads} threads"
+        f"  model: {clf.info.shape}, {clf.device}, {clf.backend}, {clf.precision}, TTA {clf.tta}, {clf.threads} threads"
     )
     out["classify_ms"] = {}
     for n in (1, 8, 32):

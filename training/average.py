@@ -37,7 +37,7 @@ def average(weights: list[Path], data: Path, out: Path, device: str = "auto") ->
     infos = [read_info(p) for p in paths]
 
     def network(i) -> str:
-        return f"width {i.width}, classes {list(i.classes)}, input {i.input_size} px, normalisation {i.mean}/{i.std}"
+        return f"{i.shape}, classes {list(i.classes)}, input {i.input_size} px, normalisation {i.mean}/{i.std}"
 
     for info, path in zip(infos[1:], paths[1:]):
         if network(info) != network(infos[0]):

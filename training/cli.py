@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", **device)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="train on a stratified subset of this many images")
-    p.add_argument("--init", help="start from this checkpoint's weights (of the same --width)")
+    p.add_argument("--init", help="start from this checkpoint's weights (a wider one is pruned to the network trained)")
     p.add_argument("--teacher", help="distil this model (a bundled model's name or a checkpoint) into the one trained")
     recipe = p.add_argument_group("the recipe (training/fit.py, Hyper)")
     for f in fields(Hyper):
@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
             default = "a quarter of --epochs" if f.default is None else f.default
             flag, metavar = "--" + f.name.replace("_", "-"), kind.__name__.upper()
             recipe.add_argument(flag, type=kind, metavar=metavar, help=f"{f.metadata['help']} ({default})")
+    recipe.add_argument(
+        "--stages", type=stages_arg, metavar="C1,C2,C3", help=Hyper.__dataclass_fields__["stages"].metadata["help"]
+    )
 
     p = sub.add_parser("evaluate", help="score a model on a labelled folder or CSV")
     p.add_argument("--weights", default="resnet9", help="a bundled model's name, a checkpoint or an ONNX model")
@@ -70,6 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"emotion-train {args.command}: {exc}", file=sys.stderr)
         return 2
+
+
+def stages_arg(text: str) -> tuple[int, int, int]:
+    from worker.model import parse_stages
+
+    try:
+        return parse_stages(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _fit(args) -> int:

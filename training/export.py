@@ -31,7 +31,7 @@ def export(run: Path, to: Path | None = None) -> Path:
     model, info = load_checkpoint(run_checkpoint(Path(run)))
     now = datetime.now(UTC)
     extra = {**info.extra, "exported": now.isoformat(timespec="seconds")}
-    info = replace(info, version=version(extra, info.width, now), extra=extra)
+    info = replace(info, version=version(extra, info, now), extra=extra)
     to = Path(to) if to is not None else BUNDLED_WEIGHTS
     if to.is_dir():
         to = to / BUNDLED_WEIGHTS.name
@@ -41,7 +41,7 @@ def export(run: Path, to: Path | None = None) -> Path:
         if (size := staged.stat().st_size) >= MAX_BYTES:
             raise CheckpointError(
                 f"{to}: the exported model would be {size / 1e6:.1f} MB, the limit is {MAX_BYTES / 1e6:.0f} MB; "
-                f"export a narrower model (width {info.width} now)"
+                f"export a narrower model ({info.shape} now)"
             )
         copy, _ = load_checkpoint(staged)
         faces = torch.randint(0, 256, (8, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

@@ -42,6 +42,7 @@ class Hyper:
 
     epochs: int = _(60, "epochs of the one-cycle schedule")
     width: float = _(1.0, "channel multiplier; 1 is the full ResNet9, of 128, 256 and 512 channels")
+    stages: tuple[int, int, int] | None = _(None, "the three stages' channels, in place of --width's")
     batch_size: int = _(128, "faces per step")
     lr: float = _(0.05, "peak learning rate: linear warm-up from lr/div, then cosine down to lr/final-div")
     warmup: float = _(0.15, "fraction of the steps spent rising to the peak")
@@ -71,6 +72,7 @@ class Hyper:
             ("epochs", self.epochs >= 1, "1 or more"),
             ("batch_size", self.batch_size >= 1, "1 or more"),
             ("width", 0 < self.width <= 4, "in (0, 4]"),
+            ("stages", self.stages is None or all(1 <= c <= 4096 for c in self.stages), "in [1, 4096]"),
             ("lr", self.lr > 0, "above 0"),
             ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
             ("swa_epochs", 0 <= self.swa_epochs <= self.epochs, "in [0, epochs]"),
@@ -107,7 +109,7 @@ def fit(data, out, hp: Hyper = Hyper(), device="auto", limit=None, seed=0, init=
     log(f"data: {len(train)} train / {len(val)} val images from {data}; device {dev}, precision {amp or 'fp32'}")
 
     torch.manual_seed(seed)
-    model = ResNet9(len(CLASSES), hp.width)
+    model = ResNet9(len(CLASSES), hp.width, stages=hp.stages)
     init_info = start_from(model, init) if init is not None else None
     if init_info is None:
         quiet_init(model)
@@ -120,7 +122,7 @@ def fit(data, out, hp: Hyper = Hyper(), device="auto", limit=None, seed=0, init=
     steps = max(1, len(train) // hp.batch_size)
     swa_from = hp.epochs - hp.swa_epochs  # the first epoch (from 0) whose end joins the mean
     history, train_seconds = [], 0.0
-    info = ModelInfo(width=hp.width)
+    info = ModelInfo(width=hp.width, stages=hp.stages)
     soft = teacher_version = None
     if teacher is not None:
         soft, teacher_version = teacher_targets(teacher, train, dev, amp, out.parent / TEACHER_DIR)
@@ -219,13 +221,14 @@ def finish(model: ResNet9, info: ModelInfo, extra: dict, train: Split, val: Spli
     extra |= {"val_n": str(len(val)), "val_per_class": json.dumps(results["none"]["per_class"])}
     now = datetime.now(UTC)
     extra["date"] = now.isoformat(timespec="seconds")
-    kept = replace(info, version=version(extra, info.width, now), extra=extra)
+    kept = replace(info, version=version(extra, info, now), extra=extra)
     save_checkpoint(model, kept, out / BEST_FILE)
     scores = ", ".join(f"{tta} {r['accuracy']:.4f}" for tta, r in results.items())
     print(f"{kept.version}: val accuracy {scores}; wrote {out / BEST_FILE}", flush=True)
     return {
         "version": kept.version,
         "width": info.width,
+        **({"stages": list(info.stages)} if info.stages else {}),
         "recalibrated": extra["recalibrated"],
         "val": {tta: {k: r[k] for k in ("accuracy", "per_class", "n")} for tta, r in results.items()},
         "val_confusion": results["none"]["confusion"],
@@ -349,15 +352,60 @@ def quiet_init(model: ResNet9) -> None:
 
 
 def start_from(model: ResNet9, path: str | Path) -> ModelInfo:
-    """Copy the weights of the checkpoint ``path`` (or bundled model's name) into ``model``; return its metadata."""
+    """Copy the weights of the checkpoint ``path`` (or bundled model's name) into ``model``; return its metadata.
+
+    A checkpoint with more channels in a stage is pruned to ``model``'s: see :func:`prune_into`.
+    """
     src, info = load_checkpoint(resolve_weights(path))
-    if info.width != model.width or tuple(info.classes) != CLASSES:
+    wider = all(have >= want for have, want in zip(src.stages, model.stages))
+    if not wider or tuple(info.classes) != CLASSES:
         raise CheckpointError(
-            f"{path}: --init needs a checkpoint of width {model.width} with classes {list(CLASSES)}, "
-            f"it has width {info.width} and classes {list(info.classes)}"
+            f"{path}: --init needs a checkpoint with classes {list(CLASSES)} and at least the channels of the "
+            f"network trained ({model.stages}); it has {info.shape} ({src.stages}) and classes {list(info.classes)}"
         )
-    model.load_state_dict(src.state_dict())
+    if src.stages == model.stages:
+        model.load_state_dict(src.state_dict())
+    else:
+        prune_into(model, src)
     return info
+
+
+def prune_into(model: ResNet9, src: ResNet9) -> None:
+    """Copy into ``model`` the weights of the wider ``src``, keeping in each group of channels that ``model``
+    has fewer of those whose BatchNorm scales are largest (in sum over the layers that write them).
+
+    A stage's channels form three groups: its first conv's outputs, the inner channels of its residual block,
+    and the channels of the residual stream (its second conv's outputs, which the block's output is added to).
+    """
+    theirs, ours = conv_blocks(src), conv_blocks(model)
+    scale = [block[1].weight.detach().abs().float() for block in theirs]
+    kept, reads = [], []  # per conv: the indices of the output channels kept, and of the input channels read
+    stream_in = torch.arange(src.conv1[0].in_channels)  # what the stage's first conv reads
+    for stage in range(3):
+        first, stream, inner, out = (4 * stage + k for k in range(4))
+        want = ours[stream][0].out_channels
+
+        def pick(score: torch.Tensor, want: int = want) -> torch.Tensor:
+            return torch.topk(score, want).indices.sort().values
+
+        first_idx, stream_idx, inner_idx = pick(scale[first]), pick(scale[stream] + scale[out]), pick(scale[inner])
+        kept += [first_idx, stream_idx, inner_idx, stream_idx]
+        reads += [stream_in, first_idx, stream_idx, inner_idx]
+        stream_in = stream_idx
+    with torch.no_grad():
+        for mine, their, idx, inputs in zip(ours, theirs, kept, reads):
+            mine[0].weight.copy_(their[0].weight[idx][:, inputs])
+            mine[0].bias.copy_(their[0].bias[idx])
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(mine[1], name).copy_(getattr(their[1], name)[idx])
+        head, their_head = model.classifier[-1], src.classifier[-1]
+        head.weight.copy_(their_head.weight[:, kept[-1]])
+        head.bias.copy_(their_head.bias)
+
+
+def conv_blocks(m: ResNet9) -> list[nn.Sequential]:
+    """The network's conv blocks in order, four a stage: conv, conv (+pool), and its residual block's two."""
+    return [m.conv1, m.conv2, *m.res1, m.conv3, m.conv4, *m.res2, m.conv5, m.conv6, *m.res3]
 
 
 def lineage(init: ModelInfo) -> dict[str, str]:
@@ -377,10 +425,12 @@ def epochs_behind(extra: dict[str, str]) -> int | None:
     return int(own) + int(extra.get("init_epochs") or 0) if own else None
 
 
-def version(extra: dict[str, str], width: float, when: datetime) -> str:
-    """``YYYY.MM.DD-<recipe>-w<width>-e<epochs>[-avg<n>][-bn]``: the epochs behind the weights, the mean of ``n``
-    sets of weights, recomputed BatchNorm statistics."""
-    out = f"{when:%Y.%m.%d}-{extra.get('recipe', 'unknown')}-w{width:g}"
+def version(extra: dict[str, str], info: ModelInfo, when: datetime) -> str:
+    """``YYYY.MM.DD-<recipe>-<size>-e<epochs>[-avg<n>][-bn]``: the size ``w<width>`` or ``s<c1>.<c2>.<c3>`` (the
+    stages' channels), the epochs behind the weights, the mean of ``n`` sets of weights, recomputed BatchNorm
+    statistics."""
+    size = f"s{'.'.join(map(str, info.stages))}" if info.stages else f"w{info.width:g}"
+    out = f"{when:%Y.%m.%d}-{extra.get('recipe', 'unknown')}-{size}"
     if epochs := epochs_behind(extra):
         out += f"-e{epochs}"
     if "averaged" in extra:

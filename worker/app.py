@@ -58,6 +58,7 @@ class Worker:
             name=info.name,
             version=info.version,
             width=info.width,
+            stages=list(info.channels),
             device=str(classifier.device),
             backend=classifier.backend,
             precision=classifier.precision,

@@ -24,7 +24,7 @@ FER_MEAN = 0.5077
 FER_STD = 0.2550
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 # The models bundled with the worker, by the name ``model.weights`` and ``--weights`` take:
-# the full ResNet9 and a half-width one distilled from it (see docs/benchmarks.md).
+# the full ResNet9 and a narrow one (16, 64 and 192 channels) distilled from it (see docs/benchmarks.md).
 BUNDLED = {
     "resnet9": WEIGHTS_DIR / "resnet9.safetensors",
     "resnet9-small": WEIGHTS_DIR / "resnet9-small.safetensors",
@@ -105,13 +105,20 @@ class ResNet9(nn.Module):
     """ResNet9 for 1x48x48 grey faces.
 
     Three stages of conv, conv+pool and a two-conv residual block with 128, 256
-    and 512 channels (times ``width``), dropout 0.5 after each residual block,
-    then MaxPool2d(6), Flatten and a linear layer to ``num_classes`` logits.
+    and 512 channels (times ``width``, or the three counts of ``stages``),
+    dropout 0.5 after each residual block, then MaxPool2d(6), Flatten and a
+    linear layer to ``num_classes`` logits.
     """
 
-    def __init__(self, num_classes: int = len(CLASSES), width: float = 1.0, in_channels: int = 1):
+    def __init__(
+        self,
+        num_classes: int = len(CLASSES),
+        width: float = 1.0,
+        in_channels: int = 1,
+        stages: tuple[int, int, int] | None = None,
+    ):
         super().__init__()
-        c1, c2, c3 = (channels(n, width) for n in (128, 256, 512))
+        c1, c2, c3 = self.stages = stage_channels(width, stages)
         self.width = width
         self.conv1 = conv_block(in_channels, c1)
         self.conv2 = conv_block(c1, c1, pool=True)
@@ -142,12 +149,32 @@ def channels(base: int, width: float) -> int:
     return max(8, int(math.ceil(base * width / 8) * 8))
 
 
+def stage_channels(width: float, stages: tuple[int, int, int] | None = None) -> tuple[int, int, int]:
+    """The channels of the three stages: ``stages`` when given, else the full network's times ``width``."""
+    if stages is not None:
+        return tuple(stages)
+    return tuple(channels(n, width) for n in (128, 256, 512))
+
+
+def parse_stages(text: str) -> tuple[int, int, int]:
+    """``"16,64,192"`` -> (16, 64, 192): three channel counts, each in [1, 4096]."""
+    try:
+        stages = tuple(int(part) for part in text.replace(" ", "").split(","))
+    except ValueError:
+        stages = ()
+    if len(stages) != 3 or not all(1 <= c <= 4096 for c in stages):
+        raise ValueError(f"stages must be three channel counts in [1, 4096] such as 16,64,192, got {text!r}")
+    return stages
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What a checkpoint says about its model; everything inference needs."""
 
     classes: tuple[str, ...] = CLASSES
     width: float = 1.0
+    # The three stages' channels of a network not of one width (``ResNet9(stages=...)``); None: from ``width``.
+    stages: tuple[int, int, int] | None = None
     input_size: int = INPUT_SIZE
     mean: float = FER_MEAN
     std: float = FER_STD
@@ -168,7 +195,21 @@ class ModelInfo:
             name=self.name,
             version=self.version,
         )
+        if self.stages is not None:
+            meta["stages"] = ",".join(map(str, self.stages))
         return meta
+
+    @property
+    def channels(self) -> tuple[int, int, int]:
+        """The channels of the network's three stages."""
+        return stage_channels(self.width, self.stages)
+
+    @property
+    def shape(self) -> str:
+        """The network's size in words, for logs and messages: ``width 0.5`` or ``stages 16,64,192``."""
+        if self.stages is not None:
+            return "stages " + ",".join(map(str, self.stages))
+        return f"width {self.width:g}"
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str] | None, source: str) -> ModelInfo:
@@ -183,6 +224,7 @@ class ModelInfo:
         try:
             classes = tuple(json.loads(meta["classes"]))
             width = float(meta["width"])
+            stages = parse_stages(meta["stages"]) if "stages" in meta else None
             input_size = int(meta["input_size"])
             norm = json.loads(meta["normalization"])
             mean, std = float(norm["mean"]), float(norm["std"])
@@ -198,6 +240,7 @@ class ModelInfo:
             "format",
             "arch",
             "width",
+            "stages",
             "classes",
             "input_size",
             "input_channels",
@@ -208,6 +251,7 @@ class ModelInfo:
         return cls(
             classes=classes,
             width=width,
+            stages=stages,
             input_size=input_size,
             mean=mean,
             std=std,
@@ -273,7 +317,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         state = load_file(str(path))
     except Exception as exc:
         raise CheckpointError(f"{path}: tensors could not be read ({exc})") from None
-    model = ResNet9(num_classes=len(info.classes), width=info.width)
+    model = ResNet9(num_classes=len(info.classes), width=info.width, stages=info.stages)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -288,7 +332,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
             k = wrong_shape[0]
             parts.append(f"{k} has shape {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}")
         raise CheckpointError(
-            f"{path}: tensors do not match a ResNet9 of width {info.width} with {len(info.classes)} classes: "
+            f"{path}: tensors do not match a ResNet9 of {info.shape} with {len(info.classes)} classes: "
             + "; ".join(parts)
         )
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})

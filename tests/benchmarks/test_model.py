@@ -1,4 +1,4 @@
-"""benchmarks/model.py, on a tiny network: inference and training rates with both ELUs."""
+"""benchmarks/model.py, on tiny networks: inference and training rates with both ELUs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,19 @@ from tests.conftest import REPO
 
 def test_model_benchmark_prints_both_rates_for_each_width_and_elu():
     out = subprocess.run(
-        [sys.executable, "benchmarks/model.py", "--width", "0.125", "0.25", "--batch", "4", "--steps", "1"],
+        [
+            sys.executable,
+            "benchmarks/model.py",
+            "--width",
+            "0.125",
+            "0.25",
+            "--stages",
+            "8,16,24",
+            "--batch",
+            "4",
+            "--steps",
+            "1",
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -20,12 +32,14 @@ def test_model_benchmark_prints_both_rates_for_each_width_and_elu():
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.startswith("device cpu, precision torch.bfloat16, batch 4")
     rows = re.findall(
-        r"width (\S+) +(ELU|nn\.ELU) +inference +([\d.]+) images/s +training +([\d.]+) images/s", out.stdout
+        r"((?:width|stages) \S+) +(ELU|nn\.ELU) +inference +([\d.]+) images/s +training +([\d.]+) images/s", out.stdout
     )
     assert [(w, elu) for w, elu, _, _ in rows] == [
-        ("0.125", "ELU"),
-        ("0.125", "nn.ELU"),
-        ("0.25", "ELU"),
-        ("0.25", "nn.ELU"),
+        ("width 0.125", "ELU"),
+        ("width 0.125", "nn.ELU"),
+        ("width 0.25", "ELU"),
+        ("width 0.25", "nn.ELU"),
+        ("stages 8,16,24", "ELU"),
+        ("stages 8,16,24", "nn.ELU"),
     ], out.stdout
     assert all(float(inference) > 0 and float(training) > 0 for _, _, inference, training in rows)

@@ -190,6 +190,15 @@ def test_hyperparameters_are_checked(small_fer, tmp_path, capsys, flag, value, e
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("value", ["16,64", "16,0,64", "x"])
+def test_a_bad_stages_flag_is_refused_naming_it(small_fer, tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit:
+        main(["fit", "--data", str(small_fer), "--out", str(tmp_path / "run"), *TINY_FIT, "--stages", value])
+    assert exit.value.code == 2
+    assert "--stages" in (err := capsys.readouterr().err) and "three channel counts" in err and repr(value) in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_init_starts_from_a_checkpoint_and_records_it(best_run, warm_run, tmp_path):
     from training.fit import start_from
     from worker.model import CheckpointError
@@ -199,7 +208,9 @@ def test_init_starts_from_a_checkpoint_and_records_it(best_run, warm_run, tmp_pa
     start_from(model, best_run / "best.safetensors")
     for (name, a), b in zip(model.state_dict().items(), source.state_dict().values()):
         assert torch.equal(a, b), name
-    with pytest.raises(CheckpointError, match="--init needs a checkpoint of width 0.25 with classes"):
+    with pytest.raises(
+        CheckpointError, match=r"at least the channels of the network trained \(\(32, 64, 128\)\); it has width 0.125"
+    ):
         start_from(ResNet9(width=0.25), best_run / "best.safetensors")
 
     info = load_checkpoint(warm_run / "best.safetensors")[1]
@@ -214,6 +225,44 @@ def test_init_starts_from_a_checkpoint_and_records_it(best_run, warm_run, tmp_pa
     assert load_checkpoint(export(warm_run, tmp_path / "exported.safetensors"))[1].version.endswith(
         "-best-w0.125-e2-bn"
     )
+
+
+def test_pruning_keeps_the_channels_with_the_largest_batchnorm_scales():
+    """A wide network whose other channels are silent (BatchNorm scale and shift 0, so they output ELU(0) = 0)
+    computes what the narrow one pruned from it computes, if pruning keeps exactly the channels that are not."""
+    from training.fit import conv_blocks, prune_into
+
+    torch.manual_seed(0)
+    wide, narrow = ResNet9(width=0.125).eval(), ResNet9(stages=(8, 16, 24)).eval()
+    with torch.no_grad():
+        for k, block in enumerate(conv_blocks(wide)):
+            bn, n = block[1], block[1].num_features
+            bn.running_mean.uniform_(-0.2, 0.2), bn.running_var.uniform_(0.5, 2)
+            keep = narrow.stages[k // 4]
+            # The stream of a stage (its second conv and its block's second) keeps channels spread over the range.
+            live = torch.arange(0, n, n // keep)[:keep] if k % 4 in (1, 3) else torch.randperm(n)[:keep]
+            silent = torch.ones(n, dtype=torch.bool)
+            silent[live] = False
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.3, 0.3)
+            bn.weight[silent], bn.bias[silent] = 0.0, 0.0
+    prune_into(narrow, wide)
+    x = torch.randn(4, 1, 48, 48)
+    with torch.no_grad():
+        assert torch.allclose(narrow(x), wide(x), atol=1e-5)
+    same = ResNet9(width=0.125).eval()
+    prune_into(same, wide)  # nothing to prune: every tensor is copied as it is
+    for (name, a), b in zip(same.state_dict().items(), wide.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_fit_prunes_a_wider_init_to_the_stages_asked_for(best_run, small_fer, tmp_path):
+    out = tmp_path / "run"
+    stages = ["--stages", "8,16,24", "--init", str(best_run / "best.safetensors")]
+    assert main(["fit", "--data", str(small_fer), "--out", str(out), *TINY_FIT, *stages]) == 0
+    model, info = load_checkpoint(out / "best.safetensors")
+    assert (info.stages, model.stages, info.shape) == ((8, 16, 24), (8, 16, 24), "stages 8,16,24")
+    assert "-best-s8.16.24-e2" in info.version and info.extra["init_epochs"] == "1"
+    assert json.loads((out / "metrics.json").read_text())["stages"] == [8, 16, 24]
 
 
 def test_lineage_adds_up_over_a_chain_of_runs():

@@ -22,6 +22,7 @@ from worker.model import (
     channels,
     load_checkpoint,
     load_onnx,
+    parse_stages,
     read_info,
     resolve_weights,
     save_checkpoint,
@@ -227,6 +228,9 @@ def test_other_architecture(tmp_path):
         ({"classes": '["a", "a"]'}, "distinct strings"),
         ({"width": "0"}, "out of range"),
         ({"normalization": '{"mean": 0.5, "std": 0}'}, "out of range"),
+        ({"stages": "16,64"}, "three channel counts"),
+        ({"stages": "16,0,64"}, "three channel counts"),
+        ({"stages": "a,b,c"}, "three channel counts"),
     ],
 )
 def test_bad_metadata(tmp_path, change, words):
@@ -358,6 +362,34 @@ def test_output_shape_full_width(n):
     with torch.no_grad():
         out = model(torch.randn(n, 1, 48, 48))
     assert out.shape == (n, 7) and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_stages_set_each_stages_channels_in_place_of_width(tmp_path, batch):
+    model = ResNet9(width=TINY, stages=(8, 24, 40)).eval()
+    assert (model.stages, model.conv1[0].out_channels, model.res2[1][0].out_channels) == ((8, 24, 40), 8, 24)
+    assert model.classifier[2].in_features == 40
+    info = ModelInfo(width=TINY, stages=(8, 24, 40))
+    assert info.to_metadata()["stages"] == "8,24,40" and info.channels == (8, 24, 40)
+    assert info.shape == "stages 8,24,40" and ModelInfo(width=0.5).shape == "width 0.5"
+    assert ModelInfo(width=0.5).channels == (64, 128, 256) and "stages" not in ModelInfo().to_metadata()
+    path = save_checkpoint(model, info, tmp_path / "s.safetensors")
+    loaded, loaded_info = load_checkpoint(path)
+    assert loaded_info == info
+    with torch.no_grad():
+        assert torch.equal(loaded(batch), model.to(memory_format=torch.channels_last)(batch))
+
+
+def test_stages_that_do_not_match_the_tensors(tmp_path):
+    path = save_checkpoint(trained_like(), ModelInfo(width=TINY, stages=(8, 24, 40)), tmp_path / "s.safetensors")
+    message = load_error(path)
+    assert "stages 8,24,40" in message and "conv1.0.weight has shape (16, 1, 3, 3), expected (8, 1, 3, 3)" in message
+
+
+@pytest.mark.parametrize("text", ["16,64", "16,64,192,8", "16;64;192", "0,64,192", "16,64,5000", ""])
+def test_parse_stages_refuses_what_is_not_three_channel_counts(text):
+    assert parse_stages(" 16, 64,192") == (16, 64, 192)
+    with pytest.raises(ValueError, match="three channel counts"):
+        parse_stages(text)
 
 
 def test_output_shape_small_width_and_classes():
