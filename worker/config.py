@@ -178,8 +178,8 @@ class BrokerSettings(Section):
 class ModelSettings(Section):
     weights: Literal["auto", "resnet9", "resnet9-small"] | Path | None = Field(
         "auto",
-        description="The model: a bundled one by name (resnet9: the full model; resnet9-small: a half-width "
-        "model distilled from it, faster and a little less accurate), a checkpoint (.safetensors) or an ONNX "
+        description="The model: a bundled one by name (resnet9: the full model; resnet9-small: a narrow "
+        "network distilled from it, 10 times as fast and a little less accurate), a checkpoint (.safetensors) or an ONNX "
         "model (.onnx). auto (or unset): resnet9 on CUDA, resnet9-small on a CPU.",
     )
     backend: Literal["auto", "torch", "onnxruntime"] = Field(
