@@ -57,8 +57,8 @@ class Worker:
             path=str(classifier.path),
             name=info.name,
             version=info.version,
-            width=info.width,
-            stages=list(info.channels),
+            size=info.shape,  # "width 1" or "stages 16,64,192"
+            channels=list(info.channels),
             device=str(classifier.device),
             backend=classifier.backend,
             precision=classifier.precision,
