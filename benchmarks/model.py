@@ -22,9 +22,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from training.cli import stages_arg  # noqa: E402
 from training.fit import Hyper, make_optimizer  # noqa: E402
 from worker.classify import autocast_dtype  # noqa: E402
-from worker.model import ELU, ResNet9, parse_stages  # noqa: E402
+from worker.model import ELU, ModelInfo, ResNet9  # noqa: E402
 
 
 def with_torch_elu(model: ResNet9) -> ResNet9:
@@ -80,7 +81,7 @@ def measure(shape: dict, torch_elu: bool, batch: int, steps: int, dev: torch.dev
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--width", type=float, nargs="+", default=[1.0, 0.5])
-    ap.add_argument("--stages", type=parse_stages, nargs="*", default=[], metavar="C1,C2,C3")
+    ap.add_argument("--stages", type=stages_arg, nargs="*", default=[], metavar="C1,C2,C3")
     ap.add_argument("--batch", type=int, default=128, help="the recipe's batch size")
     ap.add_argument("--steps", type=int, default=5, help="timed batches per figure")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -92,7 +93,7 @@ def main() -> None:
     )
     shapes = [{"width": w} for w in args.width] + [{"stages": s} for s in args.stages]
     for shape in shapes:
-        name = f"width {shape['width']:<4}" if "width" in shape else "stages " + ",".join(map(str, shape["stages"]))
+        name = ModelInfo(**shape).shape
         for torch_elu in (False, True):
             inference, training = measure(shape, torch_elu, args.batch, args.steps, dev)
             elu = "nn.ELU" if torch_elu else "ELU"

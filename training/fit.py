@@ -22,6 +22,7 @@ from training.data import Split, load_split
 from worker.classify import TTA_MODES, autocast_dtype, predict, val_acc_key
 from worker.model import (
     CLASSES,
+    MAX_CHANNELS,
     CheckpointError,
     ModelInfo,
     ResNet9,
@@ -29,6 +30,7 @@ from worker.model import (
     read_info,
     resolve_weights,
     save_checkpoint,
+    valid_stages,
 )
 
 
@@ -72,7 +74,11 @@ class Hyper:
             ("epochs", self.epochs >= 1, "1 or more"),
             ("batch_size", self.batch_size >= 1, "1 or more"),
             ("width", 0 < self.width <= 4, "in (0, 4]"),
-            ("stages", self.stages is None or all(1 <= c <= 4096 for c in self.stages), "in [1, 4096]"),
+            (
+                "stages",
+                self.stages is None or valid_stages(self.stages),
+                f"three channel counts in [1, {MAX_CHANNELS}]",
+            ),
             ("lr", self.lr > 0, "above 0"),
             ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
             ("swa_epochs", 0 <= self.swa_epochs <= self.epochs, "in [0, epochs]"),

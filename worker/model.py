@@ -156,14 +156,22 @@ def stage_channels(width: float, stages: tuple[int, int, int] | None = None) -> 
     return tuple(channels(n, width) for n in (128, 256, 512))
 
 
+MAX_CHANNELS = 4096  # per stage, in ``stages``
+
+
+def valid_stages(stages: tuple[int, ...]) -> bool:
+    """Whether ``stages`` is three channel counts, each in [1, MAX_CHANNELS]."""
+    return len(stages) == 3 and all(1 <= c <= MAX_CHANNELS for c in stages)
+
+
 def parse_stages(text: str) -> tuple[int, int, int]:
     """``"16,64,192"`` -> (16, 64, 192): three channel counts, each in [1, 4096]."""
     try:
         stages = tuple(int(part) for part in text.replace(" ", "").split(","))
     except ValueError:
         stages = ()
-    if len(stages) != 3 or not all(1 <= c <= 4096 for c in stages):
-        raise ValueError(f"stages must be three channel counts in [1, 4096] such as 16,64,192, got {text!r}")
+    if not valid_stages(stages):
+        raise ValueError(f"stages must be three channel counts in [1, {MAX_CHANNELS}] such as 16,64,192, got {text!r}")
     return stages
 
 
